@@ -1,0 +1,3 @@
+from ossconv.cli import main
+
+main()

@@ -1,0 +1,473 @@
+"""The only module that touches checkpoint files: a lazy reader and a streaming, atomic writer.
+
+Reading: a folder holds one ``*.safetensors`` file or shards listed by ``model.safetensors.index.json``.
+Headers are parsed here (shapes, dtypes, byte offsets) and checked by safetensors' own reader; tensor data
+is read one tensor, or one expert slice, at a time through ``safe_open``, whose memory map is closed after
+each read so resident memory never accumulates. Pickled weights are refused, never loaded, and no index
+entry or symlink may lead outside the folder.
+
+Writing: safetensors' ``save_file`` needs every tensor of a file in memory at once, so the writer plans all
+shards up front (names, dtypes and shapes are known before the data), writes each shard's header when the
+shard is created, then places tensor bytes (whole tensors, expert slices, or kernel-side copies of source
+bytes) at their planned offsets. Everything goes into a temporary folder beside the output that is renamed
+into place only after every byte of every tensor has been written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ossconv.errors import CheckpointError, OssconvError, OutputExistsError
+from ossconv.formats import layouts
+from ossconv.formats.config import ModelConfig
+from ossconv.formats.layouts import MXFP4, SAFETENSORS_DTYPES, TORCH_DTYPES, TensorSpec
+
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+DTYPES_NAME = "dtypes.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+# Files beside the weights that describe the model to other tools; copied through by every command.
+SIDE_FILE_PATTERN = re.compile(
+    r"(tokenizer.*|special_tokens_map\.json|chat_template.*|generation_config\.json|vocab\..*|merges\.txt"
+    r"|added_tokens\.json|README\.md|LICENSE.*|USAGE_POLICY)"
+)
+# dtypes.json tags OpenAI's loader expects for MXFP4 tensors (stored as U8).
+DTYPES_JSON_TAGS = {".blocks": "FP4", ".scales": "UE8"}
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` -> 5_000_000_000, ``"500MiB"`` -> 524_288_000 (decimal and binary units, as transformers)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise OssconvError(f"cannot read size {text!r}; write it like 500MB, 5GB or 2GiB")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    size = int(number * base**power)
+    if size <= 0:
+        raise OssconvError(f"size {text!r} must be positive")
+    return size
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+    offset: int  # absolute byte offset of the data in ``file``
+    nbytes: int
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.shape, self.dtype)
+
+
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(data start, header dict) of a safetensors file, checked for sizes that could not be right."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError("not a safetensors file (shorter than its 8-byte header length)", path)
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            raise CheckpointError(f"not a safetensors file (header length {length} for a {size}-byte file)", path)
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"safetensors header is not valid JSON ({error})", path) from None
+    if not isinstance(header, dict):
+        raise CheckpointError("safetensors header is not a JSON object", path)
+    return 8 + length, header
+
+
+def _tensor_infos(path: Path) -> dict[str, TensorInfo]:
+    start, header = read_header(path)
+    infos = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = TORCH_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"tensor {name!r} has a malformed header entry", path) from None
+        infos[name] = TensorInfo(name, shape, dtype, path, start + begin, end - begin)
+    try:  # safetensors' own reader checks offsets, coverage and sizes
+        with safe_open(path, framework="pt"):
+            pass
+    except SafetensorError as error:
+        raise CheckpointError(str(error).replace("Error while deserializing header: ", ""), path) from None
+    return infos
+
+
+def _inside(folder: Path, candidate: Path) -> bool:
+    try:
+        candidate.resolve(strict=True).relative_to(folder.resolve())
+    except (FileNotFoundError, ValueError, OSError):
+        return False
+    return True
+
+
+def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a checkpoint folder and the index's weight map (None without an index)."""
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise CheckpointError("not a valid index (expected a JSON object with a 'weight_map')", index_path) from None
+        files = []
+        for relative in dict.fromkeys(weight_map.values()):
+            candidate = folder / relative
+            if Path(relative).is_absolute() or not _inside(folder, candidate):
+                if not candidate.exists() and _inside(folder, candidate.parent):
+                    raise CheckpointError(f"the index names {relative!r}, which does not exist", index_path)
+                raise CheckpointError(f"the index points outside the checkpoint folder: {relative!r}", index_path)
+            files.append(candidate)
+        return files, weight_map
+    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"holds only pickled weights ({', '.join(pickles[:3])}); ossconv never loads pickles "
+                "(they can run code): use safetensors weights", folder)
+        raise CheckpointError("no .safetensors files in this folder", folder)
+    for file in files:
+        if not _inside(folder, file):
+            raise CheckpointError("symlink points outside the checkpoint folder", file)
+    return files, None
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint folder. Tensor data is read only when asked for, one tensor or slice at a time."""
+
+    path: Path
+    layout: str
+    config: ModelConfig
+    raw_config: dict[str, Any]
+    tensors: dict[str, TensorInfo]  # in file order (layouts.order_key)
+    side_files: list[Path] = field(default_factory=list)
+
+    @property
+    def expert_format(self) -> str | torch.dtype:
+        """``"mxfp4"`` or the float dtype of the expert weights."""
+        weights = layouts.expert_weights(self.layout, self.config)
+        if not weights or weights[0].blocks in self.tensors:
+            return MXFP4
+        info = self.tensors.get(weights[0].float_name)
+        return info.dtype if info else MXFP4
+
+    @property
+    def precision(self) -> str:
+        return layouts.precision_name(self.expert_format)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"tensor {name!r} is missing", self.path) from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """The whole tensor, in memory (the file's map is closed again before returning)."""
+        info = self.info(name)
+        with _open_file(info.file) as handle:
+            return handle.get_tensor(name)
+
+    def get_rows(self, name: str, start: int, stop: int | None = None) -> torch.Tensor:
+        """``tensor[start:stop]`` along the first axis (one expert of a fused expert tensor), read alone."""
+        info = self.info(name)
+        with _open_file(info.file) as handle:
+            return handle.get_slice(name)[start : (start + 1 if stop is None else stop)]
+
+
+class _open_file:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        try:
+            self.handle = safe_open(self.path, framework="pt")
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"cannot read: {error}", self.path) from None
+        return self.handle.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.__exit__(*exc)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"not valid JSON ({error})", path) from None
+    if not isinstance(value, dict):
+        raise CheckpointError("expected a JSON object", path)
+    return value
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open and check a checkpoint folder: its files, headers, index, layout and config."""
+    folder = Path(path)
+    if not folder.exists():
+        raise CheckpointError("no such folder", folder)
+    if not folder.is_dir():
+        raise CheckpointError("not a folder; pass the folder that holds the checkpoint", folder)
+    files, weight_map = _weight_files(folder)
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        for name, info in _tensor_infos(file).items():
+            if name in tensors:
+                raise CheckpointError(f"tensor {name!r} is stored twice (also in {tensors[name].file.name})", file)
+            tensors[name] = info
+    if weight_map is not None:
+        for name, relative in weight_map.items():
+            if name not in tensors or tensors[name].file.name != Path(relative).name:
+                raise CheckpointError(f"the index places {name!r} in {relative}, which does not hold it", folder / INDEX_NAME)
+    layout = layouts.detect_layout(set(tensors))
+    if layout is None:
+        raise CheckpointError("no gpt-oss tensors found (neither OpenAI nor Hugging Face names)", files[0])
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError("config.json is missing", folder)
+    raw_config = _read_json(config_path)
+    try:
+        config = ModelConfig.from_openai(raw_config) if layout == layouts.OPENAI else ModelConfig.from_hf(raw_config)
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"not a gpt-oss {layout} config: {error}", config_path) from None
+    problems = config.problems()
+    if problems:
+        raise CheckpointError(problems[0], config_path)
+    ordered = {name: tensors[name] for name in sorted(tensors, key=layouts.order_key)}
+    side = sorted(p for p in folder.iterdir() if p.is_file() and SIDE_FILE_PATTERN.fullmatch(p.name) and _inside(folder, p))
+    return Checkpoint(folder, layout, config, raw_config, ordered, side)
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def _shard_plan(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Consecutive runs of tensors of at most ``max_shard_size`` bytes (a bigger tensor gets its own shard)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _encode_header(specs: list[TensorSpec]) -> tuple[bytes, dict[str, int]]:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offsets = {}
+    position = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": SAFETENSORS_DTYPES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [position, position + spec.nbytes],
+        }
+        offsets[spec.name] = position
+        position += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+@dataclass
+class _Slot:
+    spec: TensorSpec
+    shard: int
+    offset: int  # absolute offset of the data in the shard file
+    written: int = 0
+
+
+class CheckpointWriter:
+    """Streams tensors into planned shards inside a temporary folder; :meth:`finish` renames it into place.
+
+    Use as a context manager: leaving the block with an exception removes the temporary folder, so an
+    output folder exists only when it is complete.
+    """
+
+    def __init__(
+        self,
+        out: str | Path,
+        specs: list[TensorSpec],
+        *,
+        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+        overwrite: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ):
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise OutputExistsError(self.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise OssconvError("exists and is not a folder", self.out)
+        self.progress = progress
+        self.temp = self.out.parent / f".{self.out.name}.ossconv-tmp-{os.getpid()}"
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.temp, ignore_errors=True)
+            self.temp.mkdir()
+        except OSError as error:
+            raise OssconvError(f"cannot create the output folder: {error.strerror}", self.out) from None
+        plan = _shard_plan(specs, max_shard_size)
+        self.files = shard_file_names(len(plan))
+        self.slots: dict[str, _Slot] = {}
+        self.headers: list[tuple[bytes, int]] = []
+        for shard, shard_specs in enumerate(plan):
+            header, offsets = _encode_header(shard_specs)
+            self.headers.append((header, sum(s.nbytes for s in shard_specs)))
+            for spec in shard_specs:
+                if spec.name in self.slots:
+                    raise ValueError(f"tensor {spec.name} planned twice")
+                self.slots[spec.name] = _Slot(spec, shard, len(header) + offsets[spec.name])
+        self.fds: dict[int, int] = {}
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _fd(self, shard: int) -> int:
+        if shard not in self.fds:
+            path = self.temp / self.files[shard]
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            header, data_size = self.headers[shard]
+            os.pwrite(fd, header, 0)
+            os.ftruncate(fd, len(header) + data_size)
+            self.fds[shard] = fd
+        return self.fds[shard]
+
+    def _slot(self, name: str, offset: int, nbytes: int) -> _Slot:
+        slot = self.slots[name]
+        if offset < 0 or offset + nbytes > slot.spec.nbytes:
+            raise ValueError(f"write of {nbytes} bytes at {offset} overruns {name} ({slot.spec.nbytes} bytes)")
+        return slot
+
+    def write(self, name: str, tensor: torch.Tensor, offset: int = 0) -> None:
+        """Place ``tensor``'s bytes at byte ``offset`` of the planned tensor ``name`` (0: the whole tensor)."""
+        data = tensor.detach().contiguous()
+        expected = self.slots[name].spec.dtype
+        if data.dtype != expected:
+            raise ValueError(f"{name}: got {data.dtype}, planned {expected}")
+        view = memoryview(data.view(-1).view(torch.uint8).numpy())
+        slot = self._slot(name, offset, len(view))
+        fd = self._fd(slot.shard)
+        position = slot.offset + offset
+        while view:
+            count = os.pwrite(fd, view, position)
+            view, position = view[count:], position + count
+        self._account(slot, data.numel() * data.element_size())
+
+    def copy(self, name: str, source: TensorInfo) -> None:
+        """Copy a source tensor's bytes unchanged, file to file inside the kernel (no Python buffer)."""
+        slot = self._slot(name, 0, source.nbytes)
+        if source.nbytes != slot.spec.nbytes or source.dtype != slot.spec.dtype:
+            raise ValueError(f"{name}: source {source.dtype}{list(source.shape)} does not match the plan")
+        fd = self._fd(slot.shard)
+        with open(source.file, "rb") as handle:
+            src_pos, dst_pos, left = source.offset, slot.offset, source.nbytes
+            while left:
+                count = os.copy_file_range(handle.fileno(), fd, min(left, 1 << 30), src_pos, dst_pos)
+                if count == 0:
+                    raise CheckpointError(f"file ended inside tensor {source.name}", source.file)
+                src_pos, dst_pos, left = src_pos + count, dst_pos + count, left - count
+        self._account(slot, source.nbytes)
+
+    def _account(self, slot: _Slot, nbytes: int) -> None:
+        slot.written += nbytes
+        if self.progress:
+            self.progress(nbytes)
+
+    def finish(self, json_files: dict[str, dict[str, Any]], side_files: list[Path] = ()) -> Path:
+        """Check every planned byte was written, add index/config/side files, and move into place."""
+        incomplete = [s.spec.name for s in self.slots.values() if s.written != s.spec.nbytes]
+        if incomplete:
+            raise RuntimeError(f"{len(incomplete)} tensor(s) not fully written, first {incomplete[0]}")
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+        for shard in range(len(self.files)):  # shards with no tensors are impossible, but keep files consistent
+            if not (self.temp / self.files[shard]).exists():
+                self._fd(shard)
+                os.close(self.fds.pop(shard))
+        if len(self.files) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.spec.nbytes for s in self.slots.values())},
+                "weight_map": {name: self.files[s.shard] for name, s in self.slots.items()},
+            }
+            json_files = {INDEX_NAME: index, **json_files}
+        for filename, value in json_files.items():
+            (self.temp / filename).write_text(json.dumps(value, indent=2) + "\n")
+        for side in side_files:
+            shutil.copyfile(side, self.temp / side.name)
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.ossconv-old-{os.getpid()}"
+            os.rename(self.out, old)
+            os.rename(self.temp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.temp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def dtypes_json(specs: list[TensorSpec]) -> dict[str, str]:
+    """OpenAI's ``dtypes.json``: FP4/UE8 for MXFP4 blocks/scales, the safetensors dtype otherwise."""
+    tags = {}
+    for spec in specs:
+        suffix = next((s for s in DTYPES_JSON_TAGS if spec.name.endswith(s)), None)
+        tags[spec.name] = DTYPES_JSON_TAGS[suffix] if suffix else SAFETENSORS_DTYPES[spec.dtype]
+    return tags
+
+
+def check_output_apart(source: Path, out: Path) -> None:
+    """Refuse an output that is, or lies inside, or contains the source folder."""
+    src, dst = source.resolve(), out.resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        raise OssconvError(f"output must not overlap the source checkpoint {source}", out)

@@ -1,0 +1,269 @@
+"""The ``ossconv`` command line: parse, call the library, print. Nothing else lives here.
+
+Exit codes: 0 ok; 1 problems found / checkpoints differ; 2 bad input, usage or I/O; 3 a bug in ossconv.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from typing import Any, Callable
+
+import click
+from tqdm import tqdm
+
+from ossconv import __version__
+from ossconv.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_DIFFER, EXIT_OK, OssconvError
+
+DEBUG_ENV = "OSSCONV_DEBUG"
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+class Output:
+    """Where a command's words go: JSON (one document on stdout), text, or nothing (``--quiet``)."""
+
+    def __init__(self, as_json: bool, quiet: bool):
+        self.as_json = as_json
+        self.quiet = quiet
+
+    def text(self, message: str = "") -> None:
+        if not self.as_json and not self.quiet:
+            click.echo(message)
+
+    def result(self, data: dict[str, Any], render: Callable[[], None]) -> None:
+        if self.as_json:
+            click.echo(json.dumps(data, indent=2, default=str))
+        elif not self.quiet:
+            render()
+
+    def progress(self, total: int, description: str) -> tqdm:
+        """A byte progress bar on stderr, shown only on a terminal and never with --json or --quiet."""
+        disable = self.as_json or self.quiet or not sys.stderr.isatty()
+        return tqdm(total=total, desc=description, unit="B", unit_scale=True, disable=disable, file=sys.stderr, leave=False)
+
+
+def output_options(function: Callable) -> Callable:
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of text.")
+    @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+    @functools.wraps(function)
+    def wrapper(*args: Any, as_json: bool, quiet: bool, **kwargs: Any) -> Any:
+        return function(*args, out=Output(as_json, quiet), **kwargs)
+
+    return wrapper
+
+
+def write_options(function: Callable) -> Callable:
+    @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
+    @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard file, e.g. 500MB, 5GB, 2GiB.")
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _render_conversion(out: Output, result: Any) -> None:
+    out.result(result.to_dict(), lambda: click.echo(
+        f"{result.command}: {result.source} ({result.source_layout}, {result.source_precision}) -> "
+        f"{result.output} ({result.layout}, {result.precision}): {result.tensors} tensors in {result.files} file(s), "
+        f"{result.bytes_written / 1e9:.3f} GB in {result.seconds:.1f} s"
+    ))
+
+
+def _source_bytes(path: str) -> int:
+    from ossconv.checkpoint import open_checkpoint
+
+    return open_checkpoint(path).total_bytes
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="ossconv")
+def cli() -> None:
+    """Convert, check and move gpt-oss checkpoints (OpenAI and Hugging Face layouts, MXFP4 and float).
+
+    \b
+    Examples:
+      ossconv demo
+      ossconv inspect gpt-oss-20b/original
+      ossconv unpack gpt-oss-20b/original gpt-oss-20b-bf16 --dtype bf16
+      ossconv pack gpt-oss-20b-bf16 gpt-oss-20b-mxfp4 --rule up
+    """
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--no-stats", is_flag=True, help="Skip the MXFP4 statistics (reads headers and config only).")
+@output_options
+def inspect(checkpoint: str, no_stats: bool, out: Output) -> int:
+    """Show what CHECKPOINT is: layout, precision, config, tensors, MXFP4 statistics, problems.
+
+    Exit 0 when no problem was found, 1 when problems are listed, 2 when the checkpoint cannot be read.
+    """
+    from ossconv.inspection import inspect_checkpoint
+
+    report = inspect_checkpoint(checkpoint, stats=not no_stats)
+    out.result(report.to_dict(), lambda: _render_inspect(report))
+    return EXIT_DIFFER if report.problems else EXIT_OK
+
+
+def _render_inspect(report: Any) -> None:
+    cfg = report.config
+    click.echo(f"{report.path}: {report.layout} layout, experts {report.precision}, model {report.known_model}")
+    click.echo(
+        f"  {cfg['num_hidden_layers']} layers, {cfg['num_experts']} experts (top {cfg['experts_per_token']}), "
+        f"hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, heads {cfg['num_attention_heads']}/"
+        f"{cfg['num_key_value_heads']} x {cfg['head_dim']}, vocab {cfg['vocab_size']}"
+    )
+    click.echo(f"  {len(report.tensors)} tensors, {report.total_parameters / 1e9:.3f} B parameters, "
+               f"{report.total_bytes / 1e9:.3f} GB in {len(report.files)} file(s)")
+    width = max(len(t["name"]) for t in report.tensors)
+    click.echo()
+    for t in report.tensors:
+        shape = "x".join(str(d) for d in t["shape"])
+        click.echo(f"  {t['name']:<{width}}  {t['dtype']:>4}  {shape:>22}  {t['bytes'] / 1e6:10.2f} MB  {t['file']}")
+    if report.mxfp4:
+        blocks = sum(s.blocks for s in report.mxfp4)
+        histogram: dict[int, int] = {}
+        for s in report.mxfp4:
+            for scale, count in s.scale_histogram.items():
+                histogram[scale] = histogram.get(scale, 0) + count
+        click.echo()
+        click.echo(f"  MXFP4: {blocks} blocks in {len(report.mxfp4)} weights; scale bytes "
+                   f"{min(histogram)}..{max(histogram)} (2^{min(histogram) - 127}..2^{max(histogram) - 127})")
+        zero = sum(s.zero_blocks for s in report.mxfp4)
+        second = sum(s.second_encoding_blocks for s in report.mxfp4)
+        inf = sum(s.inf_blocks for s in report.mxfp4)
+        click.echo(f"  all-zero blocks {zero / blocks:.4%}, blocks with a second encoding {second / blocks:.4%}, "
+                   f"blocks decoding to Inf {inf}")
+        peak = max(histogram.values())
+        for scale in sorted(histogram):
+            bar = "#" * max(1, round(40 * histogram[scale] / peak))
+            click.echo(f"    scale {scale:3d} (2^{scale - 127:+4d}) {histogram[scale]:>12}  {bar}")
+    click.echo()
+    if report.problems:
+        click.echo(f"  {len(report.problems)} problem(s):")
+        for problem in report.problems[:50]:
+            click.echo(f"    - {problem}")
+        if len(report.problems) > 50:
+            click.echo(f"    ... and {len(report.problems) - 50} more (--json lists all)")
+    else:
+        click.echo("  no problems found")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.argument("output", type=click.Path())
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+              help="Precision of the unpacked expert weights.")
+@write_options
+@output_options
+def unpack(checkpoint: str, output: str, dtype: str, overwrite: bool, max_shard_size: str, out: Output) -> int:
+    """Dequantize the MXFP4 expert weights of CHECKPOINT into OUTPUT (same layout, every other tensor kept).
+
+    In the Hugging Face layout float experts are stored transposed ([E, in, out]), as transformers expects.
+    """
+    from ossconv.checkpoint import parse_size
+    from ossconv.convert.precision import unpack as run
+
+    with out.progress(_source_bytes(checkpoint), "unpack") as bar:
+        result = run(checkpoint, output, dtype, overwrite=overwrite, max_shard_size=parse_size(max_shard_size),
+                     progress=bar.update)
+    _render_conversion(out, result)
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.argument("output", type=click.Path())
+@click.option("--rule", type=click.Choice(["up", "floor"]), default="up", show_default=True,
+              help="Scale rule: 'up' = triton_kernels ROUND_UP (what OpenAI and transformers use); "
+                   "'floor' = OCP MX v1.0 / torchao FLOOR.")
+@write_options
+@output_options
+def pack(checkpoint: str, output: str, rule: str, overwrite: bool, max_shard_size: str, out: Output) -> int:
+    """Quantize the float expert weights of CHECKPOINT to MXFP4 into OUTPUT (same layout, others kept).
+
+    NaN or Inf in an expert weight is an error naming the tensor and expert.
+    """
+    from ossconv.checkpoint import parse_size
+    from ossconv.convert.precision import pack as run
+
+    with out.progress(_source_bytes(checkpoint), "pack") as bar:
+        result = run(checkpoint, output, rule, overwrite=overwrite, max_shard_size=parse_size(max_shard_size),
+                     progress=bar.update)
+    _render_conversion(out, result)
+    return EXIT_OK
+
+
+@cli.command()
+@click.option("--out", "folder", type=click.Path(), default=None,
+              help="Keep the demo's checkpoints in this folder (default: a temporary folder, removed after).")
+@output_options
+def demo(folder: str | None, out: Output) -> int:
+    """Build a small synthetic gpt-oss checkpoint and run every command on it, checking each result."""
+    from ossconv.demo import run_demo
+
+    def log(step: Any) -> None:
+        if not out.as_json and not out.quiet and sys.stderr.isatty():
+            click.echo(f"  {'ok ' if step.ok else 'FAIL'} {step.step}", err=True)
+
+    result = run_demo(folder, log=log)
+
+    def render() -> None:
+        width = max(len(s.step) for s in result.steps)
+        click.echo(f"{'step':<{width}}  result  {'time':>7}  detail")
+        for s in result.steps:
+            click.echo(f"{s.step:<{width}}  {'ok' if s.ok else 'FAILED':<6}  {s.seconds:6.2f}s  {s.detail}")
+        click.echo(f"\n{'all steps passed' if result.ok else 'some steps FAILED'}"
+                   + (f"; checkpoints kept in {result.folder}" if folder else ""))
+
+    out.result(result.to_dict(), render)
+    return EXIT_OK if result.ok else EXIT_DIFFER
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def _error_line(error: BaseException) -> str:
+    if isinstance(error, OssconvError):
+        return str(error)
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror or error}"
+    return str(error)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the command and turn every outcome into one exit code and at most one error line."""
+    from safetensors import SafetensorError
+
+    try:
+        code = cli.main(args=argv, prog_name="ossconv", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        code = done.exit_code
+    except click.ClickException as error:
+        error.show()
+        code = EXIT_BAD_INPUT if error.exit_code != 0 else 0
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        code = EXIT_BAD_INPUT
+    except (OssconvError, OSError, SafetensorError, json.JSONDecodeError) as error:
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exc()
+        click.echo(f"Error: {_error_line(error)}", err=True)
+        code = getattr(error, "exit_code", EXIT_BAD_INPUT)
+    except Exception as error:  # a bug: one line, never mistaken for "checkpoints differ"
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exc()
+        click.echo(f"Error: internal error in ossconv ({type(error).__name__}: {error}); "
+                   f"rerun with {DEBUG_ENV}=1 for the traceback", err=True)
+        code = EXIT_BUG
+    sys.exit(code if isinstance(code, int) else EXIT_OK)

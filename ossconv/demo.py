@@ -1,0 +1,128 @@
+"""demo: a synthetic gpt-oss checkpoint through every command, with a check after each step.
+
+A new user sees every command work, on their machine, in seconds, with no download.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ossconv import synthetic
+from ossconv.checkpoint import Checkpoint, open_checkpoint
+from ossconv.convert.precision import pack, unpack
+from ossconv.formats import layouts, mxfp4
+from ossconv.inspection import inspect_checkpoint
+
+
+@dataclass
+class DemoStep:
+    step: str
+    ok: bool
+    detail: str
+    seconds: float
+
+
+@dataclass
+class DemoResult:
+    folder: str
+    steps: list[DemoStep]
+
+    @property
+    def ok(self) -> bool:
+        return all(step.ok for step in self.steps)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"folder": self.folder, "ok": self.ok, "steps": [asdict(s) for s in self.steps]}
+
+
+def same_expert_values(a: Checkpoint, b: Checkpoint) -> tuple[bool, str]:
+    """True when both hold the same expert values (decoded to fp32) and byte-identical other tensors."""
+    weights_a = layouts.expert_weights(a.layout, a.config)
+    weights_b = layouts.expert_weights(b.layout, b.config)
+    expert_names = set()
+    for wa, wb in zip(weights_a, weights_b):
+        expert_names |= {wa.blocks, wa.scales, wa.float_name}
+        for expert in range(wa.num_experts):
+            va, vb = _expert_fp32(a, wa, expert), _expert_fp32(b, wb, expert)
+            if not torch.equal(va.view(torch.int32), vb.view(torch.int32)):
+                return False, f"{wa.float_name} expert {expert} differs"
+    others = [n for n in a.tensors if n not in expert_names]
+    for name in others:
+        if name not in b.tensors or not torch.equal(_bytes(a.get(name)), _bytes(b.get(name))):
+            return False, f"{name} differs"
+    return True, f"{len(weights_a)} expert weights equal, {len(others)} other tensors byte-identical"
+
+
+def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.contiguous().view(-1).view(torch.uint8)
+
+
+def _expert_fp32(ckpt: Checkpoint, weight: layouts.ExpertWeight, expert: int) -> torch.Tensor:
+    if weight.blocks in ckpt.tensors:
+        return mxfp4.decode(ckpt.get_rows(weight.blocks, expert)[0], ckpt.get_rows(weight.scales, expert)[0], torch.float32)
+    matrix = ckpt.get_rows(weight.float_name, expert)[0].to(torch.float32)
+    return matrix.T.contiguous() if weight.transposed else matrix
+
+
+def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] | None = None) -> DemoResult:
+    """Run every step; ``out`` keeps the checkpoints (otherwise a temporary folder is removed after)."""
+    folder = Path(out) if out else Path(tempfile.mkdtemp(prefix="ossconv-demo-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    steps: list[DemoStep] = []
+
+    def step(name: str, action: Callable[[], tuple[bool, str]]) -> bool:
+        started = time.perf_counter()
+        try:
+            ok, detail = action()
+        except Exception as error:  # a failed step is reported in the table, not raised
+            ok, detail = False, f"{type(error).__name__}: {error}"
+        steps.append(DemoStep(name, ok, detail, time.perf_counter() - started))
+        if log:
+            log(steps[-1])
+        return ok
+
+    def path(name: str) -> Path:
+        return folder / name
+
+    def build(layout: str) -> tuple[bool, str]:
+        synthetic.build(path(f"{layout}-mxfp4"), layout=layout, overwrite=True)
+        ckpt = open_checkpoint(path(f"{layout}-mxfp4"))
+        return True, f"{ckpt.layout} layout, {len(ckpt.tensors)} tensors, {ckpt.total_bytes / 1e6:.2f} MB"
+
+    def inspect(layout: str) -> tuple[bool, str]:
+        report = inspect_checkpoint(path(f"{layout}-mxfp4"))
+        blocks = sum(s.blocks for s in report.mxfp4)
+        detail = f"{report.layout}/{report.precision}, {len(report.tensors)} tensors, {blocks} MXFP4 blocks"
+        return not report.problems, detail + (f"; problems: {report.problems[:2]}" if report.problems else "")
+
+    def do_unpack(layout: str) -> tuple[bool, str]:
+        result = unpack(path(f"{layout}-mxfp4"), path(f"{layout}-bf16"), "bf16", overwrite=True)
+        return True, f"{result.bytes_written / 1e6:.2f} MB written"
+
+    def do_pack(layout: str) -> tuple[bool, str]:
+        result = pack(path(f"{layout}-bf16"), path(f"{layout}-repacked"), "up", overwrite=True)
+        return True, f"{result.bytes_written / 1e6:.2f} MB written"
+
+    def check(layout: str) -> tuple[bool, str]:
+        return same_expert_values(open_checkpoint(path(f"{layout}-mxfp4")), open_checkpoint(path(f"{layout}-repacked")))
+
+    try:
+        for layout in layouts.LAYOUTS:
+            if not step(f"build synthetic ({layout})", lambda: build(layout)):
+                continue
+            step(f"inspect ({layout})", lambda: inspect(layout))
+            if step(f"unpack -> bf16 ({layout})", lambda: do_unpack(layout)) and step(
+                f"pack -> mxfp4 ({layout})", lambda: do_pack(layout)
+            ):
+                step(f"values identical ({layout})", lambda: check(layout))
+    finally:
+        if out is None:
+            shutil.rmtree(folder, ignore_errors=True)
+    return DemoResult(str(folder), steps)

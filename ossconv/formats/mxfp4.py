@@ -1,0 +1,302 @@
+"""MXFP4 codec: 32 FP4 (E2M1) elements share one E8M0 scale byte.
+
+Encoding (the one gpt-oss ships, OCP MX v1.0 element order):
+- ``blocks`` ``[..., G, 16]`` uint8: byte ``j`` of a block holds element ``2j`` in its **low** nibble and
+  element ``2j+1`` in its high nibble; a block covers 32 consecutive elements of the last axis.
+- ``scales`` ``[..., G]`` uint8: value ``2 ** (s - 127)``. Scale 255 is not treated as NaN: like OpenAI's and
+  transformers' dequantizers we compute ``ldexp`` (nonzero codes become +-inf, zeros stay +-0).
+- FP4 code ``c``: bit 3 is the sign, bits 0-2 index ``0, .5, 1, 1.5, 2, 3, 4, 6`` (code 8 is -0.0).
+
+Decoding is a lookup of a 65536-entry table indexed by ``(scale << 8) | byte`` that holds both decoded
+elements of the byte; the table is built with the same ``torch.ldexp`` the reference dequantizers use, so
+the result is bit-identical with them in every dtype, inf and subnormal cases included.
+
+Encoding has two scale rules (elements are always rounded to nearest, ties to even, saturating at +-6):
+- ``up`` (default): triton_kernels ``downcast_to_mxfp_torch`` ROUND_UP, what OpenAI's and transformers'
+  quantizers use: ``d = amax / 6`` in fp32, rounded up to a power of two on its bits; scale byte = its
+  exponent field; elements are ``x * (1 / d)``. A block of zeros gets scale byte 0 and codes 0 (8 for -0.0).
+  Never saturates.
+- ``floor``: OCP MX v1.0 as torchao ``to_mx`` (FLOOR) computes it: scale exponent
+  ``floor(log2 amax) - 2`` clamped to [-127, 127]; elements are ``x / max(2**e, 2**-126)`` (torchao clamps
+  the divisor to the smallest fp32 normal), clamped to +-6.
+Inputs with NaN or Inf raise :class:`NonFiniteError`: no rule gives them a meaning that survives a round trip.
+
+Both rules run a fast path for bf16 input that never leaves 16-bit integers: because the scale is a power of
+two, an element's code depends only on its exponent relative to the scale and its 7 mantissa bits, so one
+1792-entry table replaces the float multiply and the rounding. Blocks whose scale is so small that the
+product would be an fp32 subnormal take the plain fp32 path, which every other input dtype takes too; the
+tests check that both paths agree bit for bit.
+"""
+
+from __future__ import annotations
+
+import functools
+from fractions import Fraction
+
+import torch
+
+BLOCK_SIZE = 32  # elements per scale
+BYTES_PER_BLOCK = 16  # two FP4 codes per byte
+E8M0_BIAS = 127
+F4_E2M1_MAX = 6.0
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+RULES = ("up", "floor")
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+_FP32_INF_BITS = 0x7F800000
+_BF16_INF_BITS = 0x7F80
+# Rows of 32 elements handled per step: bounds temporary memory to a few MB whatever the tensor size.
+_CHUNK_BLOCKS = 1 << 15
+# bf16 fast path: table rows cover q exponents 2^-3 .. 2^3 (below: code 0, above: saturated code 7).
+_FAST_MIN_EXP = -3
+_FAST_ROWS = 7
+_FAST_SPAN = _FAST_ROWS * 128
+_FAST_BASE = 1024
+# The fast path is exact while every q = x * 2^-k is an fp32 normal or rounds to code 0 anyway.
+_FAST_MIN_SCALE_EXP = -124
+
+
+class NonFiniteError(ValueError):
+    """The float input to :func:`encode` holds NaN or +-Inf."""
+
+    def __init__(self, count: int, first_index: int):
+        self.count = count
+        self.first_index = first_index
+        super().__init__(f"{count} NaN/Inf value(s) (first at flat index {first_index}) cannot be encoded as MXFP4")
+
+
+def fp4_code(value: Fraction) -> int:
+    """Code magnitude (0-7) of a non-negative exact value: round to nearest, ties to even code, saturate."""
+    magnitudes = [Fraction(v) for v in FP4_VALUES[:8]]
+    best = 0
+    for code, mag in enumerate(magnitudes):
+        d_best, d = abs(value - magnitudes[best]), abs(value - mag)
+        if d < d_best or (d == d_best and code % 2 == 0):
+            best = code
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+
+@functools.cache
+def _pair_table(dtype: torch.dtype) -> torch.Tensor:
+    """[65536] table: entry ``(s << 8) | b`` holds the two decoded elements of byte ``b`` under scale ``s``,
+    packed in one integer of twice the dtype's width (element ``2j`` first in memory)."""
+    values = torch.tensor(FP4_VALUES, dtype=dtype).expand(256, 16).clone()
+    exponents = (torch.arange(256, dtype=torch.int32) - E8M0_BIAS).view(256, 1)
+    values = torch.ldexp(values, exponents).to(dtype)  # what the reference dequantizers compute
+    byte = torch.arange(256)
+    pairs = torch.stack([values[:, byte & 0x0F], values[:, byte >> 4]], dim=-1).contiguous()  # (s, b, 2)
+    pair_int = {2: torch.int32, 4: torch.int64}[dtype.itemsize]
+    return pairs.view(pair_int).reshape(256 * 256)
+
+
+def _check_packed(blocks: torch.Tensor, scales: torch.Tensor) -> None:
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise ValueError(f"MXFP4 blocks and scales must be uint8, got {blocks.dtype} and {scales.dtype}")
+    if blocks.ndim < 2 or blocks.shape[-1] != BYTES_PER_BLOCK:
+        raise ValueError(f"MXFP4 blocks must have shape [..., G, {BYTES_PER_BLOCK}], got {list(blocks.shape)}")
+    if tuple(blocks.shape[:-1]) != tuple(scales.shape):
+        raise ValueError(
+            f"MXFP4 scales shape {list(scales.shape)} does not match blocks shape {list(blocks.shape)} "
+            f"(expected {list(blocks.shape[:-1])})"
+        )
+
+
+def decode(
+    blocks: torch.Tensor,
+    scales: torch.Tensor,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dequantize ``blocks [..., G, 16]`` + ``scales [..., G]`` to ``[..., G * 32]`` of ``dtype``.
+
+    ``out`` (contiguous, that shape and dtype) is filled and returned: reusing one buffer across tensors
+    avoids first-touch page faults, which cost more than the decode itself.
+
+    Example:
+        >>> decode(torch.tensor([[[0x21] + [0] * 15]], dtype=torch.uint8), torch.tensor([[127]], dtype=torch.uint8))[0, :2]
+        tensor([0.5000, 1.0000], dtype=torch.bfloat16)
+    """
+    _check_packed(blocks, scales)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"cannot decode MXFP4 to {dtype}; choose one of bfloat16, float16, float32")
+    shape = (*blocks.shape[:-2], blocks.shape[-2] * BLOCK_SIZE)
+    if out is None:
+        out = torch.empty(shape, dtype=dtype)
+    elif tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {list(shape)}")
+    table = _pair_table(dtype)
+    flat_blocks = blocks.reshape(-1, BYTES_PER_BLOCK)
+    flat_scales = scales.reshape(-1)
+    flat_out = out.view(-1).view(table.dtype)  # one table entry per byte
+    n = flat_scales.numel()
+    for start in range(0, n, _CHUNK_BLOCKS):
+        stop = min(n, start + _CHUNK_BLOCKS)
+        index = (flat_scales[start:stop].to(torch.int32) << 8).unsqueeze(-1) + flat_blocks[start:stop]
+        torch.index_select(table, 0, index.view(-1), out=flat_out[start * BYTES_PER_BLOCK : stop * BYTES_PER_BLOCK])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- encode
+
+
+def _int_bits(value: float) -> int:
+    return torch.tensor([value], dtype=torch.float32).view(torch.int32).item()
+
+
+@functools.cache
+def _signed_bounds() -> torch.Tensor:
+    """Boundaries on the int32 bits of q so that ``bucketize(bits) ^ 8`` is the FP4 code.
+
+    Positive floats order like their int32 bits and negative ones in reverse, above INT_MIN (-0.0); a
+    boundary at -1 separates the two. Ties go to the even code: 0.75, 1.75 and 3.5 round up, so their
+    boundary sits one ulp lower.
+    """
+    mids = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+    ties_up = (0.75, 1.75, 3.5)
+
+    def boundary(mid: float, sign: float) -> int:
+        return _int_bits(sign * mid) - (1 if mid in ties_up else 0)
+
+    neg = [boundary(m, -1.0) for m in mids]
+    pos = [boundary(m, 1.0) for m in mids]
+    return torch.tensor(neg + [-1] + pos, dtype=torch.int32)
+
+
+@functools.cache
+def _fast_table() -> torch.Tensor:
+    """[2048] uint8 code table for the bf16 path. With ``v = (exponent of q + 3) * 128 + mantissa`` clamped
+    to [0, 895], a positive element reads entry ``1024 + v`` and a negative one ``(1024 + v) ^ 2047``
+    (= 1023 - v), so the sign costs one xor on 16-bit integers."""
+    codes = []
+    for v in range(_FAST_SPAN):
+        row, mantissa = divmod(v, 128)
+        value = Fraction(2) ** (row + _FAST_MIN_EXP) * (1 + Fraction(mantissa, 128))
+        codes.append(fp4_code(value))
+    table = torch.zeros(2048, dtype=torch.uint8)
+    positive = torch.tensor(codes, dtype=torch.uint8)
+    table[_FAST_BASE : _FAST_BASE + _FAST_SPAN] = positive
+    table[_FAST_BASE - _FAST_SPAN : _FAST_BASE] = positive.flip(0) | 0x08
+    return table
+
+
+def _scale_bytes(amax: torch.Tensor, rule: str) -> torch.Tensor:
+    """E8M0 scale byte (as int32) per block from the fp32 block maxima."""
+    if rule == "up":
+        d = (amax / F4_E2M1_MAX).view(torch.int32)
+        return ((d + 0x7FFFFF) & 0x7F800000) >> 23
+    exponent = ((amax.view(torch.int32) >> 23) & 0xFF) - E8M0_BIAS - 2  # 2 = emax of E2M1
+    return exponent.clamp(-E8M0_BIAS, E8M0_BIAS) + E8M0_BIAS
+
+
+def _pack_codes(codes: torch.Tensor, out: torch.Tensor) -> None:
+    """[n, 32] uint8 codes (0-15) -> ``out`` [n, 16] uint8, even element in the low nibble."""
+    pairs = codes.view(torch.int16)  # little-endian: even element in the low byte
+    out.copy_((pairs | (pairs >> 4)).view(out.shape))  # the cast to uint8 keeps the low byte
+
+
+def _raise_non_finite(chunk: torch.Tensor, start_block: int) -> None:
+    bad = ~torch.isfinite(chunk.view(-1))
+    flat = bad.nonzero().view(-1)
+    raise NonFiniteError(int(flat.numel()), start_block * BLOCK_SIZE + int(flat[0]))
+
+
+def _encode_fp32(x: torch.Tensor, rule: str, blocks: torch.Tensor, scales: torch.Tensor) -> None:
+    """Reference path: [n, 32] float -> ``blocks`` [n, 16] and ``scales`` [n], as the oracles compute it."""
+    xf = x.to(torch.float32)
+    amax = xf.abs().amax(-1, keepdim=True)
+    if not torch.isfinite(amax).all():
+        _raise_non_finite(x, 0)
+    scale_byte = _scale_bytes(amax, rule)
+    scale = (scale_byte << 23).view(torch.float32)
+    if rule == "up":
+        q = xf * torch.where(scale == 0, 0.0, 1.0 / scale)
+    else:
+        q = xf / scale.clamp(min=torch.finfo(torch.float32).tiny)
+    codes = (torch.bucketize(q.view(torch.int32), _signed_bounds(), out_int32=True) ^ 0x08).to(torch.uint8)
+    _pack_codes(codes, blocks)
+    scales.copy_(scale_byte.view(-1))
+
+
+def _encode_bf16(x: torch.Tensor, rule: str, blocks: torch.Tensor, scales: torch.Tensor) -> None:
+    """Fast path for [n, 32] bf16, bit-identical with :func:`_encode_fp32`."""
+    bits = x.view(torch.int16)
+    magnitude = bits & 0x7FFF
+    amax_bits = magnitude.amax(-1, keepdim=True)
+    if int(amax_bits.max()) >= _BF16_INF_BITS:
+        _raise_non_finite(x, 0)
+    amax = (amax_bits.to(torch.int32) << 16).view(torch.float32)
+    scale_byte = _scale_bytes(amax, rule)
+    scale_exp = scale_byte - E8M0_BIAS
+    if rule == "floor":
+        scale_exp = scale_exp.clamp(min=-126)
+    zero = amax_bits == 0
+    slow = (scale_exp < _FAST_MIN_SCALE_EXP) & ~zero
+    # v = (biased exponent of q + 3 - 127) * 128 + mantissa, and q's biased exponent is e - scale_exp.
+    offset = ((scale_exp + E8M0_BIAS + _FAST_MIN_EXP) << 7) - _FAST_BASE
+    offset = offset.masked_fill_(zero | slow, 0x7FFF).to(torch.int16)  # zero blocks: every code is +-0
+    v = magnitude.sub_(offset).clamp_(_FAST_BASE, _FAST_BASE + _FAST_SPAN - 1)
+    v ^= (bits >> 15) & 0x7FF
+    codes = torch.index_select(_fast_table(), 0, v.view(-1).to(torch.int32)).view(x.shape)
+    _pack_codes(codes, blocks)
+    scales.copy_(scale_byte.view(-1))
+    if slow.any():
+        rows = slow.view(-1).nonzero().view(-1)
+        slow_blocks = torch.empty((rows.numel(), BYTES_PER_BLOCK), dtype=torch.uint8)
+        slow_scales = torch.empty(rows.numel(), dtype=torch.uint8)
+        _encode_fp32(x[rows], rule, slow_blocks, slow_scales)
+        blocks[rows], scales[rows] = slow_blocks, slow_scales
+
+
+def encode(
+    x: torch.Tensor,
+    rule: str = "up",
+    *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize float ``x [..., K]`` (K a multiple of 32) to ``(blocks [..., K/32, 16], scales [..., K/32])``.
+
+    ``rule`` is ``"up"`` (triton_kernels ROUND_UP, the default) or ``"floor"`` (OCP / torchao FLOOR); see
+    the module docstring. ``out`` (two contiguous uint8 tensors) receives the result when given.
+    Raises :class:`NonFiniteError` on NaN/Inf.
+
+    Example:
+        >>> blocks, scales = encode(torch.tensor([0.5, 1.0] + [0.0] * 30))
+        >>> hex(blocks[0, 0].item()), scales.tolist()
+        ('0x21', [127])
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown MXFP4 scale rule {rule!r}; choose 'up' or 'floor'")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"cannot encode {x.dtype} as MXFP4; expected bfloat16, float16 or float32")
+    if x.ndim == 0 or x.shape[-1] % BLOCK_SIZE:
+        raise ValueError(f"last dimension of shape {list(x.shape)} is not a multiple of the MXFP4 block size (32)")
+    shape = (*x.shape[:-1], x.shape[-1] // BLOCK_SIZE)
+    if out is None:
+        out = (torch.empty((*shape, BYTES_PER_BLOCK), dtype=torch.uint8), torch.empty(shape, dtype=torch.uint8))
+    blocks_out, scales_out = out
+    flat_x = x.reshape(-1, BLOCK_SIZE)
+    flat_blocks = blocks_out.view(-1, BYTES_PER_BLOCK)
+    flat_scales = scales_out.view(-1)
+    encode_chunk = _encode_bf16 if x.dtype == torch.bfloat16 else _encode_fp32
+    n = flat_x.shape[0]
+    for start in range(0, n, _CHUNK_BLOCKS):
+        stop = min(n, start + _CHUNK_BLOCKS)
+        try:
+            encode_chunk(flat_x[start:stop], rule, flat_blocks[start:stop], flat_scales[start:stop])
+        except NonFiniteError as error:
+            raise NonFiniteError(error.count, start * BLOCK_SIZE + error.first_index) from None
+    return blocks_out, scales_out
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+
+def max_code_magnitude(blocks: torch.Tensor) -> torch.Tensor:
+    """Largest |code| (0-7) per block of ``[..., G, 16]``: below 6 (value 4.0) a block has a second encoding."""
+    low = blocks & 0x07
+    high = (blocks >> 4) & 0x07
+    return torch.maximum(low, high).amax(-1)
