@@ -209,10 +209,20 @@ def layer_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+_GLOBAL_ORDER = {
+    "embedding.weight": (0, 0),
+    "model.embed_tokens.weight": (0, 0),
+    "norm.scale": (2, 0),
+    "model.norm.weight": (2, 0),
+    "unembedding.weight": (2, 1),
+    "lm_head.weight": (2, 1),
+}
+
+
 def order_key(name: str) -> tuple[int, int, str]:
-    """Sort key giving file order: embeddings, then layers in order, then the final norm and unembedding."""
+    """Sort key giving file order: embedding, layers in order, final norm, unembedding, anything else."""
     layer = layer_of(name)
     if layer is not None:
         return (1, layer, name)
-    first = name in ("embedding.weight", "model.embed_tokens.weight")
-    return (0 if first else 2, 0, name)
+    group, rank = _GLOBAL_ORDER.get(name, (3, 0))
+    return (group, rank, name)

@@ -1,0 +1,207 @@
+"""The checkpoint reader and the streaming writer: safetensors' own reader must agree with what we write,
+outputs appear only when complete, and unsafe or broken inputs are refused with the file named."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ossconv.checkpoint import CheckpointWriter, open_checkpoint, parse_size
+from ossconv.errors import CheckpointError, OutputExistsError
+from ossconv.formats.layouts import TensorSpec
+
+
+def specs_of(tensors: dict[str, torch.Tensor]) -> list[TensorSpec]:
+    return [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+
+
+def sample_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a": torch.randn(3, 5, generator=g).to(torch.bfloat16),
+        "b": torch.randint(0, 256, (7, 2, 16), generator=g, dtype=torch.uint8),
+        "c": torch.randn(11, generator=g),
+        "d": torch.randn(2, 3, generator=g).to(torch.float16),
+    }
+
+
+def test_streamed_file_reads_back_with_safetensors(tmp_path):
+    tensors = sample_tensors()
+    with CheckpointWriter(tmp_path / "out", specs_of(tensors)) as writer:
+        for name, tensor in reversed(tensors.items()):  # any order: every tensor has its planned place
+            writer.write(name, tensor)
+        writer.finish({"config.json": {"x": 1}})
+    loaded = load_file(tmp_path / "out" / "model.safetensors")
+    assert list(loaded) == sorted(tensors)
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor)
+    header_len = struct.unpack("<Q", (tmp_path / "out" / "model.safetensors").read_bytes()[:8])[0]
+    assert header_len % 8 == 0
+
+
+def test_parts_written_at_offsets_make_the_whole_tensor(tmp_path):
+    whole = torch.arange(4 * 6, dtype=torch.float32).view(4, 6)
+    with CheckpointWriter(tmp_path / "out", specs_of({"w": whole})) as writer:
+        for row in (2, 0, 3, 1):
+            writer.write("w", whole[row], row * 6 * 4)
+        writer.finish({})
+    assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["w"], whole)
+
+
+def test_size_sharding_with_index(tmp_path):
+    tensors = sample_tensors()
+    with CheckpointWriter(tmp_path / "out", specs_of(tensors), max_shard_size=100) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        writer.finish({})
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    for file in files:
+        assert os.path.getsize(tmp_path / "out" / file) < 100 + 200 or len(load_file(tmp_path / "out" / file)) == 1
+    merged = {}
+    for file in files:
+        merged.update(load_file(tmp_path / "out" / file))
+    assert all(torch.equal(merged[n], t) for n, t in tensors.items())
+
+
+def test_failure_leaves_no_output_and_no_temporary_folder(tmp_path):
+    tensors = sample_tensors()
+    with pytest.raises(RuntimeError, match="boom"):
+        with CheckpointWriter(tmp_path / "out", specs_of(tensors)) as writer:
+            writer.write("a", tensors["a"])
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_incomplete_tensor_is_never_renamed_into_place(tmp_path):
+    tensors = sample_tensors()
+    with pytest.raises(RuntimeError, match="not fully written"):
+        with CheckpointWriter(tmp_path / "out", specs_of(tensors)) as writer:
+            writer.write("a", tensors["a"])
+            writer.finish({})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep").write_text("x")
+    with pytest.raises(OutputExistsError, match="pass --overwrite"):
+        CheckpointWriter(tmp_path / "out", [])
+    tensors = {"a": torch.ones(2)}
+    with CheckpointWriter(tmp_path / "out", specs_of(tensors), overwrite=True) as writer:
+        writer.write("a", tensors["a"])
+        writer.finish({})
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("100KB") == 100_000
+    assert parse_size("2GiB") == 2 * 2**30
+    assert parse_size("1.5MB") == 1_500_000
+
+
+def test_reader_detects_layout_precision_and_order(checkpoints):
+    expected = {"openai-mxfp4": ("openai", "mxfp4"), "openai-bf16": ("openai", "bf16"),
+                "hf-mxfp4": ("hf", "mxfp4"), "hf-bf16": ("hf", "bf16")}
+    for name, (layout, precision) in expected.items():
+        ckpt = open_checkpoint(checkpoints[name])
+        assert (ckpt.layout, ckpt.precision) == (layout, precision)
+        names = list(ckpt.tensors)
+        assert names[0] in ("embedding.weight", "model.embed_tokens.weight")
+        assert names[-1] in ("unembedding.weight", "lm_head.weight")
+    sharded = open_checkpoint(checkpoints["hf-bf16"])
+    assert len({info.file for info in sharded.tensors.values()}) > 1
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="no such folder"):
+        open_checkpoint(tmp_path / "nope")
+
+
+def test_folder_without_safetensors(tmp_path):
+    with pytest.raises(CheckpointError, match="no .safetensors files in this folder"):
+        open_checkpoint(tmp_path)
+
+
+def test_pickles_are_refused_not_loaded(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(CheckpointError, match=r"only pickled weights \(pytorch_model.bin\); ossconv never loads"):
+        open_checkpoint(tmp_path)
+
+
+def test_truncated_file(checkpoints, copy_of):
+    folder = copy_of(checkpoints["openai-mxfp4"])
+    file = folder / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: .*(not fully covered|incomplete)"):
+        open_checkpoint(folder)
+
+
+def test_header_that_lies_about_offsets(checkpoints, copy_of):
+    folder = copy_of(checkpoints["openai-mxfp4"])
+    file = folder / "model.safetensors"
+    raw = file.read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + length])
+    name = next(n for n in header if n != "__metadata__")
+    header[name]["data_offsets"][1] += 10**6
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    file.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + length :])
+    with pytest.raises(CheckpointError, match="model.safetensors: "):
+        open_checkpoint(folder)
+
+
+def test_garbage_header_length(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        open_checkpoint(tmp_path)
+
+
+def test_index_pointing_outside_the_folder(checkpoints, copy_of, tmp_path):
+    folder = copy_of(checkpoints["hf-bf16"])
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    outside = tmp_path / "elsewhere.safetensors"
+    first_file = next(iter(index["weight_map"].values()))
+    (folder / first_file).rename(outside)
+    for name, file in index["weight_map"].items():
+        if file == first_file:
+            index["weight_map"][name] = "../elsewhere.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"index points outside the checkpoint folder: '../elsewhere"):
+        open_checkpoint(folder)
+
+
+def test_symlink_pointing_outside_the_folder(checkpoints, copy_of, tmp_path):
+    folder = copy_of(checkpoints["openai-mxfp4"])
+    (folder / "model.safetensors").rename(tmp_path / "real.safetensors")
+    (folder / "model.safetensors").symlink_to(tmp_path / "real.safetensors")
+    with pytest.raises(CheckpointError, match="symlink points outside the checkpoint folder"):
+        open_checkpoint(folder)
+
+
+def test_missing_config(checkpoints, copy_of):
+    folder = copy_of(checkpoints["openai-mxfp4"])
+    (folder / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="config.json is missing"):
+        open_checkpoint(folder)
+
+
+def test_config_of_the_wrong_layout(checkpoints, copy_of):
+    folder = copy_of(checkpoints["hf-mxfp4"])
+    (folder / "config.json").write_text(json.dumps({"num_experts": 4}))
+    with pytest.raises(CheckpointError, match=r"config.json: not a gpt-oss hf config: config.json lacks"):
+        open_checkpoint(folder)
