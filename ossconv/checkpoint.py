@@ -20,9 +20,10 @@ import os
 import re
 import shutil
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -139,7 +140,9 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise TypeError
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise CheckpointError("not a valid index (expected a JSON object with a 'weight_map')", index_path) from None
+            raise CheckpointError(
+                "not a valid index (expected a JSON object with a 'weight_map')", index_path
+            ) from None
         files = []
         for relative in dict.fromkeys(weight_map.values()):
             candidate = folder / relative
@@ -155,7 +158,9 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
         if pickles:
             raise CheckpointError(
                 f"holds only pickled weights ({', '.join(pickles[:3])}); ossconv never loads pickles "
-                "(they can run code): use safetensors weights", folder)
+                "(they can run code): use safetensors weights",
+                folder,
+            )
         raise CheckpointError("no .safetensors files in this folder", folder)
     for file in files:
         if not _inside(folder, file):
@@ -252,7 +257,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if weight_map is not None:
         for name, relative in weight_map.items():
             if name not in tensors or tensors[name].file.name != Path(relative).name:
-                raise CheckpointError(f"the index places {name!r} in {relative}, which does not hold it", folder / INDEX_NAME)
+                raise CheckpointError(
+                    f"the index places {name!r} in {relative}, which does not hold it", folder / INDEX_NAME
+                )
     layout = layouts.detect_layout(set(tensors))
     if layout is None:
         raise CheckpointError("no gpt-oss tensors found (neither OpenAI nor Hugging Face names)", files[0])
@@ -268,7 +275,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if problems:
         raise CheckpointError(problems[0], config_path)
     ordered = {name: tensors[name] for name in sorted(tensors, key=layouts.order_key)}
-    side = sorted(p for p in folder.iterdir() if p.is_file() and SIDE_FILE_PATTERN.fullmatch(p.name) and _inside(folder, p))
+    side = sorted(
+        p for p in folder.iterdir() if p.is_file() and SIDE_FILE_PATTERN.fullmatch(p.name) and _inside(folder, p)
+    )
     return Checkpoint(folder, layout, config, raw_config, ordered, side)
 
 

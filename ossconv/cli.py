@@ -10,7 +10,8 @@ import json
 import os
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 from tqdm import tqdm
@@ -44,7 +45,9 @@ class Output:
     def progress(self, total: int, description: str) -> tqdm:
         """A byte progress bar on stderr, shown only on a terminal and never with --json or --quiet."""
         disable = self.as_json or self.quiet or not sys.stderr.isatty()
-        return tqdm(total=total, desc=description, unit="B", unit_scale=True, disable=disable, file=sys.stderr, leave=False)
+        return tqdm(
+            total=total, desc=description, unit="B", unit_scale=True, disable=disable, file=sys.stderr, leave=False
+        )
 
 
 def output_options(function: Callable) -> Callable:
@@ -59,7 +62,9 @@ def output_options(function: Callable) -> Callable:
 
 def write_options(function: Callable) -> Callable:
     @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
-    @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest shard file, e.g. 500MB, 5GB, 2GiB.")
+    @click.option(
+        "--max-shard-size", default="5GB", show_default=True, help="Largest shard file, e.g. 500MB, 5GB, 2GiB."
+    )
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         return function(*args, **kwargs)
@@ -68,11 +73,15 @@ def write_options(function: Callable) -> Callable:
 
 
 def _render_conversion(out: Output, result: Any) -> None:
-    out.result(result.to_dict(), lambda: click.echo(
-        f"{result.command}: {result.source} ({result.source_layout}, {result.source_precision}) -> "
-        f"{result.output} ({result.layout}, {result.precision}): {result.tensors} tensors in {result.files} file(s), "
-        f"{result.bytes_written / 1e9:.3f} GB in {result.seconds:.1f} s"
-    ))
+    out.result(
+        result.to_dict(),
+        lambda: click.echo(
+            f"{result.command}: {result.source} ({result.source_layout}, {result.source_precision}) -> "
+            f"{result.output} ({result.layout}, {result.precision}): "
+            f"{result.tensors} tensors in {result.files} file(s), "
+            f"{result.bytes_written / 1e9:.3f} GB in {result.seconds:.1f} s"
+        ),
+    )
 
 
 def _source_bytes(path: str) -> int:
@@ -122,8 +131,10 @@ def _render_inspect(report: Any) -> None:
         f"hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, heads {cfg['num_attention_heads']}/"
         f"{cfg['num_key_value_heads']} x {cfg['head_dim']}, vocab {cfg['vocab_size']}"
     )
-    click.echo(f"  {len(report.tensors)} tensors, {report.total_parameters / 1e9:.3f} B parameters, "
-               f"{report.total_bytes / 1e9:.3f} GB in {len(report.files)} file(s)")
+    click.echo(
+        f"  {len(report.tensors)} tensors, {report.total_parameters / 1e9:.3f} B parameters, "
+        f"{report.total_bytes / 1e9:.3f} GB in {len(report.files)} file(s)"
+    )
     width = max(len(t["name"]) for t in report.tensors)
     click.echo()
     for t in report.tensors:
@@ -136,13 +147,17 @@ def _render_inspect(report: Any) -> None:
             for scale, count in s.scale_histogram.items():
                 histogram[scale] = histogram.get(scale, 0) + count
         click.echo()
-        click.echo(f"  MXFP4: {blocks} blocks in {len(report.mxfp4)} weights; scale bytes "
-                   f"{min(histogram)}..{max(histogram)} (2^{min(histogram) - 127}..2^{max(histogram) - 127})")
+        click.echo(
+            f"  MXFP4: {blocks} blocks in {len(report.mxfp4)} weights; scale bytes "
+            f"{min(histogram)}..{max(histogram)} (2^{min(histogram) - 127}..2^{max(histogram) - 127})"
+        )
         zero = sum(s.zero_blocks for s in report.mxfp4)
         second = sum(s.second_encoding_blocks for s in report.mxfp4)
         inf = sum(s.inf_blocks for s in report.mxfp4)
-        click.echo(f"  all-zero blocks {zero / blocks:.4%}, blocks with a second encoding {second / blocks:.4%}, "
-                   f"blocks decoding to Inf {inf}")
+        click.echo(
+            f"  all-zero blocks {zero / blocks:.4%}, blocks with a second encoding {second / blocks:.4%}, "
+            f"blocks decoding to Inf {inf}"
+        )
         peak = max(histogram.values())
         for scale in sorted(histogram):
             bar = "#" * max(1, round(40 * histogram[scale] / peak))
@@ -161,8 +176,13 @@ def _render_inspect(report: Any) -> None:
 @cli.command()
 @click.argument("checkpoint", type=click.Path())
 @click.argument("output", type=click.Path())
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
-              help="Precision of the unpacked expert weights.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bf16", "fp16", "fp32"]),
+    default="bf16",
+    show_default=True,
+    help="Precision of the unpacked expert weights.",
+)
 @write_options
 @output_options
 def unpack(checkpoint: str, output: str, dtype: str, overwrite: bool, max_shard_size: str, out: Output) -> int:
@@ -174,8 +194,14 @@ def unpack(checkpoint: str, output: str, dtype: str, overwrite: bool, max_shard_
     from ossconv.convert.precision import unpack as run
 
     with out.progress(_source_bytes(checkpoint), "unpack") as bar:
-        result = run(checkpoint, output, dtype, overwrite=overwrite, max_shard_size=parse_size(max_shard_size),
-                     progress=bar.update)
+        result = run(
+            checkpoint,
+            output,
+            dtype,
+            overwrite=overwrite,
+            max_shard_size=parse_size(max_shard_size),
+            progress=bar.update,
+        )
     _render_conversion(out, result)
     return EXIT_OK
 
@@ -183,9 +209,14 @@ def unpack(checkpoint: str, output: str, dtype: str, overwrite: bool, max_shard_
 @cli.command()
 @click.argument("checkpoint", type=click.Path())
 @click.argument("output", type=click.Path())
-@click.option("--rule", type=click.Choice(["up", "floor"]), default="up", show_default=True,
-              help="Scale rule: 'up' = triton_kernels ROUND_UP (what OpenAI and transformers use); "
-                   "'floor' = OCP MX v1.0 / torchao FLOOR.")
+@click.option(
+    "--rule",
+    type=click.Choice(["up", "floor"]),
+    default="up",
+    show_default=True,
+    help="Scale rule: 'up' = triton_kernels ROUND_UP (what OpenAI and transformers use); "
+    "'floor' = OCP MX v1.0 / torchao FLOOR.",
+)
 @write_options
 @output_options
 def pack(checkpoint: str, output: str, rule: str, overwrite: bool, max_shard_size: str, out: Output) -> int:
@@ -197,15 +228,26 @@ def pack(checkpoint: str, output: str, rule: str, overwrite: bool, max_shard_siz
     from ossconv.convert.precision import pack as run
 
     with out.progress(_source_bytes(checkpoint), "pack") as bar:
-        result = run(checkpoint, output, rule, overwrite=overwrite, max_shard_size=parse_size(max_shard_size),
-                     progress=bar.update)
+        result = run(
+            checkpoint,
+            output,
+            rule,
+            overwrite=overwrite,
+            max_shard_size=parse_size(max_shard_size),
+            progress=bar.update,
+        )
     _render_conversion(out, result)
     return EXIT_OK
 
 
 @cli.command()
-@click.option("--out", "folder", type=click.Path(), default=None,
-              help="Keep the demo's checkpoints in this folder (default: a temporary folder, removed after).")
+@click.option(
+    "--out",
+    "folder",
+    type=click.Path(),
+    default=None,
+    help="Keep the demo's checkpoints in this folder (default: a temporary folder, removed after).",
+)
 @output_options
 def demo(folder: str | None, out: Output) -> int:
     """Build a small synthetic gpt-oss checkpoint and run every command on it, checking each result."""
@@ -222,8 +264,10 @@ def demo(folder: str | None, out: Output) -> int:
         click.echo(f"{'step':<{width}}  result  {'time':>7}  detail")
         for s in result.steps:
             click.echo(f"{s.step:<{width}}  {'ok' if s.ok else 'FAILED':<6}  {s.seconds:6.2f}s  {s.detail}")
-        click.echo(f"\n{'all steps passed' if result.ok else 'some steps FAILED'}"
-                   + (f"; checkpoints kept in {result.folder}" if folder else ""))
+        click.echo(
+            f"\n{'all steps passed' if result.ok else 'some steps FAILED'}"
+            + (f"; checkpoints kept in {result.folder}" if folder else "")
+        )
 
     out.result(result.to_dict(), render)
     return EXIT_OK if result.ok else EXIT_DIFFER
@@ -263,7 +307,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as error:  # a bug: one line, never mistaken for "checkpoints differ"
         if os.environ.get(DEBUG_ENV):
             traceback.print_exc()
-        click.echo(f"Error: internal error in ossconv ({type(error).__name__}: {error}); "
-                   f"rerun with {DEBUG_ENV}=1 for the traceback", err=True)
+        click.echo(
+            f"Error: internal error in ossconv ({type(error).__name__}: {error}); "
+            f"rerun with {DEBUG_ENV}=1 for the traceback",
+            err=True,
+        )
         code = EXIT_BUG
     sys.exit(code if isinstance(code, int) else EXIT_OK)

@@ -8,9 +8,9 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -47,7 +47,7 @@ def same_expert_values(a: Checkpoint, b: Checkpoint) -> tuple[bool, str]:
     weights_a = layouts.expert_weights(a.layout, a.config)
     weights_b = layouts.expert_weights(b.layout, b.config)
     expert_names = set()
-    for wa, wb in zip(weights_a, weights_b):
+    for wa, wb in zip(weights_a, weights_b, strict=True):
         expert_names |= {wa.blocks, wa.scales, wa.float_name}
         for expert in range(wa.num_experts):
             va, vb = _expert_fp32(a, wa, expert), _expert_fp32(b, wb, expert)
@@ -66,7 +66,9 @@ def _bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 def _expert_fp32(ckpt: Checkpoint, weight: layouts.ExpertWeight, expert: int) -> torch.Tensor:
     if weight.blocks in ckpt.tensors:
-        return mxfp4.decode(ckpt.get_rows(weight.blocks, expert)[0], ckpt.get_rows(weight.scales, expert)[0], torch.float32)
+        return mxfp4.decode(
+            ckpt.get_rows(weight.blocks, expert)[0], ckpt.get_rows(weight.scales, expert)[0], torch.float32
+        )
     matrix = ckpt.get_rows(weight.float_name, expert)[0].to(torch.float32)
     return matrix.T.contiguous() if weight.transposed else matrix
 
@@ -77,10 +79,10 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
     folder.mkdir(parents=True, exist_ok=True)
     steps: list[DemoStep] = []
 
-    def step(name: str, action: Callable[[], tuple[bool, str]]) -> bool:
+    def step(name: str, action: Callable[..., tuple[bool, str]], *args: object) -> bool:
         started = time.perf_counter()
         try:
-            ok, detail = action()
+            ok, detail = action(*args)
         except Exception as error:  # a failed step is reported in the table, not raised
             ok, detail = False, f"{type(error).__name__}: {error}"
         steps.append(DemoStep(name, ok, detail, time.perf_counter() - started))
@@ -115,13 +117,13 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
 
     try:
         for layout in layouts.LAYOUTS:
-            if not step(f"build synthetic ({layout})", lambda: build(layout)):
+            if not step(f"build synthetic ({layout})", build, layout):
                 continue
-            step(f"inspect ({layout})", lambda: inspect(layout))
-            if step(f"unpack -> bf16 ({layout})", lambda: do_unpack(layout)) and step(
-                f"pack -> mxfp4 ({layout})", lambda: do_pack(layout)
+            step(f"inspect ({layout})", inspect, layout)
+            if step(f"unpack -> bf16 ({layout})", do_unpack, layout) and step(
+                f"pack -> mxfp4 ({layout})", do_pack, layout
             ):
-                step(f"values identical ({layout})", lambda: check(layout))
+                step(f"values identical ({layout})", check, layout)
     finally:
         if out is None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -121,7 +121,9 @@ def inspect_checkpoint(path: str | Path, *, stats: bool = True) -> InspectReport
     parameters = 0
     for info in ckpt.tensors.values():
         count = info.nbytes // info.dtype.itemsize
-        parameters += count * 2 if info.name.endswith(("blocks", "_blocks")) else 0 if info.name.endswith("scales") else count
+        parameters += (
+            count * 2 if info.name.endswith(("blocks", "_blocks")) else 0 if info.name.endswith("scales") else count
+        )
     report = InspectReport(
         path=str(path),
         layout=ckpt.layout,

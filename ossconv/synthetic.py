@@ -97,7 +97,9 @@ def build(
     # canonical expert weight name -> (canonical weight, the same weight in the target layout)
     weights = {
         ours.float_name: (ours, theirs)
-        for ours, theirs in zip(layouts.expert_weights(OPENAI, config), layouts.expert_weights(layout, config))
+        for ours, theirs in zip(
+            layouts.expert_weights(OPENAI, config), layouts.expert_weights(layout, config), strict=True
+        )
     }
     with CheckpointWriter(out, specs, max_shard_size=max_shard_size, overwrite=overwrite) as writer:
         for spec in canonical:
@@ -120,7 +122,11 @@ def _to_layout(layout: str, name: str, tensor: torch.Tensor, config: ModelConfig
 
 
 def _write_experts(
-    writer: CheckpointWriter, weight: layouts.ExpertWeight, target: layouts.ExpertWeight, expert_format: object, seed: int
+    writer: CheckpointWriter,
+    weight: layouts.ExpertWeight,
+    target: layouts.ExpertWeight,
+    expert_format: object,
+    seed: int,
 ) -> None:
     """Draw one expert at a time (seeded by the canonical name) and write it in the target form."""
     for expert in range(weight.num_experts):

@@ -110,8 +110,12 @@ def test_parse_size():
 
 
 def test_reader_detects_layout_precision_and_order(checkpoints):
-    expected = {"openai-mxfp4": ("openai", "mxfp4"), "openai-bf16": ("openai", "bf16"),
-                "hf-mxfp4": ("hf", "mxfp4"), "hf-bf16": ("hf", "bf16")}
+    expected = {
+        "openai-mxfp4": ("openai", "mxfp4"),
+        "openai-bf16": ("openai", "bf16"),
+        "hf-mxfp4": ("hf", "mxfp4"),
+        "hf-bf16": ("hf", "bf16"),
+    }
     for name, (layout, precision) in expected.items():
         ckpt = open_checkpoint(checkpoints[name])
         assert (ckpt.layout, ckpt.precision) == (layout, precision)

@@ -67,7 +67,9 @@ def test_scale_rules_golden(amax, up_scale, floor_scale):
 
 
 def test_ties_round_to_even_code():
-    x = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 2 + [-0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, -6.0] * 2)
+    x = torch.tensor(
+        [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 2 + [-0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, -6.0] * 2
+    )
     blocks, scales = mxfp4.encode(x)  # amax 6 -> scale 1.0: the values are the codes' midpoints
     assert scales.item() == 127
     codes = torch.stack([blocks[0] & 0xF, blocks[0] >> 4], -1).view(-1).tolist()
@@ -266,3 +268,9 @@ def test_non_canonical_block_has_a_second_encoding():
     assert new_scales.item() == 127  # 0.5 * 2^3 = 4.0 * 2^0: same values, other bytes
     assert torch.equal(mxfp4.decode(new_blocks, new_scales, torch.float32), values)
     assert mxfp4.max_code_magnitude(new_blocks).item() == 6
+
+
+def test_docstring_examples():
+    import doctest
+
+    assert doctest.testmod(mxfp4).failed == 0

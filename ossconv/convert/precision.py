@@ -8,9 +8,9 @@ gate_up) whatever the model size. Every other tensor is copied file to file by t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -170,8 +170,17 @@ def _run(command: str, src: str | Path, out: str | Path, target: str | torch.dty
     tensors, files = change_precision(ckpt, out, target, **kwargs)
     written = sum(p.stat().st_size for p in Path(out).iterdir() if p.suffix == ".safetensors")
     return ConversionResult(
-        command, str(src), str(out), ckpt.layout, ckpt.layout, source_precision, layouts.precision_name(target),
-        tensors, files, written, time.perf_counter() - started,
+        command,
+        str(src),
+        str(out),
+        ckpt.layout,
+        ckpt.layout,
+        source_precision,
+        layouts.precision_name(target),
+        tensors,
+        files,
+        written,
+        time.perf_counter() - started,
     )
 
 

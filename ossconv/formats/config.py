@@ -52,8 +52,17 @@ class ModelConfig:
     def problems(self) -> list[str]:
         """Constraints the two layouts and the MXFP4 encoding need; empty when the config is usable."""
         found = []
-        for name in ("num_hidden_layers", "num_experts", "experts_per_token", "vocab_size", "hidden_size",
-                     "intermediate_size", "head_dim", "num_attention_heads", "num_key_value_heads"):
+        for name in (
+            "num_hidden_layers",
+            "num_experts",
+            "experts_per_token",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "head_dim",
+            "num_attention_heads",
+            "num_key_value_heads",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 found.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if found:
@@ -62,8 +71,10 @@ class ModelConfig:
             if getattr(self, name) % 32:
                 found.append(f"{name} ({getattr(self, name)}) is not a multiple of the MXFP4 block size (32)")
         if self.num_attention_heads % self.num_key_value_heads:
-            found.append(f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
-                         f"num_key_value_heads ({self.num_key_value_heads})")
+            found.append(
+                f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
         if self.experts_per_token > self.num_experts:
             found.append(f"experts_per_token ({self.experts_per_token}) exceeds num_experts ({self.num_experts})")
         return found
@@ -93,8 +104,15 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, raw: dict[str, Any]) -> ModelConfig:
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        required = ("num_hidden_layers", "num_local_experts", "vocab_size", "hidden_size", "intermediate_size",
-                    "num_attention_heads", "num_key_value_heads")
+        required = (
+            "num_hidden_layers",
+            "num_local_experts",
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+        )
         missing = [k for k in required if k not in raw]
         if missing:
             raise ValueError(f"config.json lacks {', '.join(missing)}")

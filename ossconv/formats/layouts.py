@@ -94,7 +94,10 @@ def expert_weights(layout: str, cfg: ModelConfig) -> list[ExpertWeight]:
     hidden, inter, experts = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
     found = []
     for n in range(cfg.num_hidden_layers):
-        for proj, out_f, in_f, hf_name in (("mlp1", 2 * inter, hidden, "gate_up_proj"), ("mlp2", hidden, inter, "down_proj")):
+        for proj, out_f, in_f, hf_name in (
+            ("mlp1", 2 * inter, hidden, "gate_up_proj"),
+            ("mlp2", hidden, inter, "down_proj"),
+        ):
             if layout == OPENAI:
                 base = f"block.{n}.mlp.{proj}_weight"
                 names = (f"{base}.blocks", f"{base}.scales", base)
@@ -105,7 +108,9 @@ def expert_weights(layout: str, cfg: ModelConfig) -> list[ExpertWeight]:
     return found
 
 
-def canonical_specs(cfg: ModelConfig, experts: str | torch.dtype, dtype: torch.dtype = torch.bfloat16) -> list[TensorSpec]:
+def canonical_specs(
+    cfg: ModelConfig, experts: str | torch.dtype, dtype: torch.dtype = torch.bfloat16
+) -> list[TensorSpec]:
     """Every tensor of the model in OpenAI naming and file order; ``experts`` is ``"mxfp4"`` or a float dtype,
     ``dtype`` the precision of everything else (bf16 in the released checkpoints)."""
     h, e = cfg.hidden_size, cfg.num_experts
@@ -175,7 +180,7 @@ def to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, 
     if suffix in ("attn.qkv.weight", "attn.qkv.bias"):
         parts = torch.split(tensor, [cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=0)
         kind = suffix.rsplit(".", 1)[1]
-        return [(f"{prefix}self_attn.{proj}.{kind}", part) for proj, part in zip(_QKV, parts)]
+        return [(f"{prefix}self_attn.{proj}.{kind}", part) for proj, part in zip(_QKV, parts, strict=True)]
     if suffix in ("mlp.mlp1_weight", "mlp.mlp2_weight"):
         tensor = tensor.transpose(-1, -2)
     return [(prefix + _BLOCK_TO_HF[suffix], tensor)]
@@ -190,7 +195,9 @@ def hf_specs(cfg: ModelConfig, experts: str | torch.dtype, dtype: torch.dtype = 
     return specs
 
 
-def layout_specs(layout: str, cfg: ModelConfig, experts: str | torch.dtype, dtype: torch.dtype = torch.bfloat16) -> list[TensorSpec]:
+def layout_specs(
+    layout: str, cfg: ModelConfig, experts: str | torch.dtype, dtype: torch.dtype = torch.bfloat16
+) -> list[TensorSpec]:
     return canonical_specs(cfg, experts, dtype) if layout == OPENAI else hf_specs(cfg, experts, dtype)
 
 

@@ -117,7 +117,8 @@ def decode(
     avoids first-touch page faults, which cost more than the decode itself.
 
     Example:
-        >>> decode(torch.tensor([[[0x21] + [0] * 15]], dtype=torch.uint8), torch.tensor([[127]], dtype=torch.uint8))[0, :2]
+        >>> blocks = torch.tensor([[[0x21] + [0] * 15]], dtype=torch.uint8)
+        >>> decode(blocks, torch.tensor([[127]], dtype=torch.uint8))[0, :2]
         tensor([0.5000, 1.0000], dtype=torch.bfloat16)
     """
     _check_packed(blocks, scales)
@@ -264,9 +265,9 @@ def encode(
     Raises :class:`NonFiniteError` on NaN/Inf.
 
     Example:
-        >>> blocks, scales = encode(torch.tensor([0.5, 1.0] + [0.0] * 30))
+        >>> blocks, scales = encode(torch.tensor([0.5, 6.0] + [0.0] * 30))  # amax 6: scale 2^0
         >>> hex(blocks[0, 0].item()), scales.tolist()
-        ('0x21', [127])
+        ('0x71', [127])
     """
     if rule not in RULES:
         raise ValueError(f"unknown MXFP4 scale rule {rule!r}; choose 'up' or 'floor'")
