@@ -103,8 +103,10 @@ def main() -> None:
     parser.add_argument("--skip-oracles", action="store_true", help="skip transformers and torchao (slow)")
     args = parser.parse_args()
     out_bytes = args.experts * (2 * INTER * HIDDEN + HIDDEN * INTER) * 2
-    print(f"one gpt-oss-20b expert layer, {args.experts} experts: {out_bytes / 1e9:.2f} GB of bf16, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"one gpt-oss-20b expert layer, {args.experts} experts: {out_bytes / 1e9:.2f} GB of bf16, "
+        f"{torch.get_num_threads()} threads"
+    )
     names = ["copy", "decode", "encode-up", "encode-floor"]
     if not args.skip_oracles:
         names += ["transformers", "torchao"]
@@ -112,8 +114,10 @@ def main() -> None:
     for name in names:
         results[name] = measure(name, args.experts)
         seconds, temp = results[name]
-        print(f"  {name:13s} {seconds:7.3f} s  {out_bytes / seconds / 1e9:6.2f} GB/s of bf16   "
-              f"temp {temp / 1e6:8.1f} MB ({temp / out_bytes:6.1%} of output)")
+        print(
+            f"  {name:13s} {seconds:7.3f} s  {out_bytes / seconds / 1e9:6.2f} GB/s of bf16   "
+            f"temp {temp / 1e6:8.1f} MB ({temp / out_bytes:6.1%} of output)"
+        )
     print("ratios (same run):")
     decode, copy = results["decode"][0], results["copy"][0]
     print(f"  decode vs copy into touched memory: {copy / decode:.2f}x   (target >= 0.25x)")

@@ -11,7 +11,9 @@ The library offers what the command line does, as functions that return data:
 __version__ = "0.1.0"
 
 from ossconv.checkpoint import Checkpoint, CheckpointWriter, open_checkpoint  # noqa: E402
-from ossconv.convert.precision import ConversionResult, pack, unpack  # noqa: E402
+from ossconv.convert.layout import convert  # noqa: E402
+from ossconv.convert.precision import pack, unpack  # noqa: E402
+from ossconv.convert.stream import ConversionResult  # noqa: E402
 from ossconv.errors import CheckpointError, OssconvError  # noqa: E402
 from ossconv.formats.config import ModelConfig  # noqa: E402
 from ossconv.formats.mxfp4 import decode, encode  # noqa: E402
@@ -24,6 +26,7 @@ __all__ = [
     "ConversionResult",
     "InspectReport",
     "ModelConfig",
+    "convert",
     "OssconvError",
     "decode",
     "encode",

@@ -408,20 +408,26 @@ class CheckpointWriter:
             view, position = view[count:], position + count
         self._account(slot, data.numel() * data.element_size())
 
-    def copy(self, name: str, source: TensorInfo) -> None:
-        """Copy a source tensor's bytes unchanged, file to file inside the kernel (no Python buffer)."""
-        slot = self._slot(name, 0, source.nbytes)
-        if source.nbytes != slot.spec.nbytes or source.dtype != slot.spec.dtype:
-            raise ValueError(f"{name}: source {source.dtype}{list(source.shape)} does not match the plan")
+    def copy(
+        self, name: str, source: TensorInfo, *, start: int = 0, nbytes: int | None = None, offset: int = 0
+    ) -> None:
+        """Copy ``nbytes`` of a source tensor's bytes from byte ``start`` to byte ``offset`` of ``name``,
+        file to file inside the kernel (no Python buffer). Defaults: the whole tensor."""
+        nbytes = source.nbytes - start if nbytes is None else nbytes
+        if start < 0 or start + nbytes > source.nbytes:
+            raise ValueError(f"copy of {nbytes} bytes at {start} overruns {source.name} ({source.nbytes} bytes)")
+        if source.dtype != self.slots[name].spec.dtype:
+            raise ValueError(f"{name}: source is {source.dtype}, planned {self.slots[name].spec.dtype}")
+        slot = self._slot(name, offset, nbytes)
         fd = self._fd(slot.shard)
         with open(source.file, "rb") as handle:
-            src_pos, dst_pos, left = source.offset, slot.offset, source.nbytes
+            src_pos, dst_pos, left = source.offset + start, slot.offset + offset, nbytes
             while left:
                 count = os.copy_file_range(handle.fileno(), fd, min(left, 1 << 30), src_pos, dst_pos)
                 if count == 0:
                     raise CheckpointError(f"file ended inside tensor {source.name}", source.file)
                 src_pos, dst_pos, left = src_pos + count, dst_pos + count, left - count
-        self._account(slot, source.nbytes)
+        self._account(slot, nbytes)
 
     def _account(self, slot: _Slot, nbytes: int) -> None:
         slot.written += nbytes

@@ -104,6 +104,8 @@ def cli() -> None:
       ossconv inspect gpt-oss-20b/original
       ossconv unpack gpt-oss-20b/original gpt-oss-20b-bf16 --dtype bf16
       ossconv pack gpt-oss-20b-bf16 gpt-oss-20b-mxfp4 --rule up
+      ossconv convert gpt-oss-20b/original gpt-oss-20b-hf --to hf --dtype bf16
+      ossconv convert gpt-oss-20b/original gpt-oss-20b-hf --to hf --dtype bf16
     """
 
 
@@ -231,6 +233,72 @@ def pack(checkpoint: str, output: str, rule: str, overwrite: bool, max_shard_siz
         result = run(
             checkpoint,
             output,
+            rule,
+            overwrite=overwrite,
+            max_shard_size=parse_size(max_shard_size),
+            progress=bar.update,
+        )
+    _render_conversion(out, result)
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.argument("output", type=click.Path())
+@click.option(
+    "--to",
+    "layout",
+    type=click.Choice(["openai", "hf"]),
+    required=True,
+    help="Target layout: 'openai' (original/: fused qkv, mlp1/mlp2, dtypes.json) or 'hf' (transformers).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["mxfp4", "bf16", "fp16", "fp32"]),
+    default=None,
+    help="Precision of the expert weights only (mlp1/mlp2 = gate_up/down); every other tensor keeps its dtype. "
+    "Default: as the source.",
+)
+@click.option(
+    "--rule",
+    type=click.Choice(["up", "floor"]),
+    default="up",
+    show_default=True,
+    help="MXFP4 scale rule when --dtype mxfp4 packs float experts (see 'ossconv pack --help').",
+)
+@write_options
+@output_options
+def convert(
+    checkpoint: str,
+    output: str,
+    layout: str,
+    dtype: str | None,
+    rule: str,
+    overwrite: bool,
+    max_shard_size: str,
+    out: Output,
+) -> int:
+    """Convert CHECKPOINT to the other layout (or the same one) in OUTPUT, streaming one tensor at a time.
+
+    \b
+    The layout of CHECKPOINT is detected from its tensor names and config. MXFP4 blocks and scales are
+    copied byte for byte between layouts; float experts are stored [E, out, in] in the OpenAI layout and
+    [E, in, out] in the HF one. Tokenizer, chat-template and generation files beside the weights are copied.
+
+    \b
+    Examples:
+      ossconv convert gpt-oss-20b/original gpt-oss-20b-hf --to hf
+      ossconv convert finetuned-hf-bf16 finetuned-original --to openai --dtype mxfp4
+    """
+    from ossconv.checkpoint import parse_size
+    from ossconv.convert.layout import convert as run
+
+    with out.progress(_source_bytes(checkpoint), "convert") as bar:
+        result = run(
+            checkpoint,
+            output,
+            layout,
+            dtype,
             rule,
             overwrite=overwrite,
             max_shard_size=parse_size(max_shard_size),

@@ -16,6 +16,7 @@ import torch
 
 from ossconv import synthetic
 from ossconv.checkpoint import Checkpoint, open_checkpoint
+from ossconv.convert.layout import convert
 from ossconv.convert.precision import pack, unpack
 from ossconv.formats import layouts, mxfp4
 from ossconv.inspection import inspect_checkpoint
@@ -115,6 +116,19 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
     def check(layout: str) -> tuple[bool, str]:
         return same_expert_values(open_checkpoint(path(f"{layout}-mxfp4")), open_checkpoint(path(f"{layout}-repacked")))
 
+    def do_convert(source: str, target: str, layout: str, dtype: str) -> tuple[bool, str]:
+        result = convert(path(source), path(target), to=layout, dtype=dtype, overwrite=True)
+        return True, f"{result.source_layout}/{result.source_precision} -> {result.layout}/{result.precision}"
+
+    def byte_identical(a: str, b: str) -> tuple[bool, str]:
+        first, second = open_checkpoint(path(a)), open_checkpoint(path(b))
+        if list(first.tensors) != list(second.tensors):
+            return False, "different tensor names"
+        for name in first.tensors:
+            if not torch.equal(_bytes(first.get(name)), _bytes(second.get(name))):
+                return False, f"{name} differs"
+        return True, f"all {len(first.tensors)} tensors byte-identical"
+
     try:
         for layout in layouts.LAYOUTS:
             if not step(f"build synthetic ({layout})", build, layout):
@@ -124,6 +138,13 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
                 f"pack -> mxfp4 ({layout})", do_pack, layout
             ):
                 step(f"values identical ({layout})", check, layout)
+        chain = [
+            ("openai-mxfp4", "chain-hf-mxfp4", "hf", "mxfp4"),
+            ("chain-hf-mxfp4", "chain-hf-bf16", "hf", "bf16"),
+            ("chain-hf-bf16", "chain-openai-mxfp4", "openai", "mxfp4"),
+        ]
+        if all(step(f"convert {a} -> {b}", do_convert, a, b, layout, dtype) for a, b, layout, dtype in chain):
+            step("round trip byte-identical", byte_identical, "openai-mxfp4", "chain-openai-mxfp4")
     finally:
         if out is None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -64,9 +64,14 @@ def _dense(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def _expert_packed(name: str, expert: int, rows: int, groups: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random codes and scales; every block is canonical (its largest |code| is 4.0 or 6.0, as a quantizer
+    produces), so float round trips give back the exact bytes and the demo can check byte identity."""
     g = _generator(seed, name, expert + 1)
     blocks = torch.randint(0, 256, (rows, groups, mxfp4.BYTES_PER_BLOCK), generator=g, dtype=torch.uint8)
     scales = torch.randint(*SCALE_RANGE, (rows, groups), generator=g, dtype=torch.uint8)
+    byte = torch.randint(0, mxfp4.BYTES_PER_BLOCK, (rows, groups, 1), generator=g)
+    chosen = blocks.gather(-1, byte)
+    blocks.scatter_(-1, byte, chosen | 0x06)  # low nibble magnitude 6 or 7
     return blocks, scales
 
 

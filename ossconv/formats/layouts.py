@@ -168,22 +168,33 @@ _QKV = ("q_proj", "k_proj", "v_proj")
 _BLOCK_NAME = re.compile(r"block\.(\d+)\.(.+)")
 
 
-def to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
-    """One canonical tensor -> its HF tensor(s): qkv splits into q/k/v rows, float experts transpose."""
+def hf_parts(name: str, cfg: ModelConfig) -> list[tuple[str, int, int | None]]:
+    """The HF tensors a canonical tensor is made of, as ``(hf name, first row, stop row)`` along its first
+    axis (stop None: all rows). Only qkv has more than one part: a plain row split q | k | v."""
     if name in _GLOBAL_TO_HF:
-        return [(_GLOBAL_TO_HF[name], tensor)]
+        return [(_GLOBAL_TO_HF[name], 0, None)]
     match = _BLOCK_NAME.fullmatch(name)
     if not match:
         raise KeyError(name)
     n, suffix = match.groups()
     prefix = _HF_LAYER.format(n=n)
     if suffix in ("attn.qkv.weight", "attn.qkv.bias"):
-        parts = torch.split(tensor, [cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=0)
         kind = suffix.rsplit(".", 1)[1]
-        return [(f"{prefix}self_attn.{proj}.{kind}", part) for proj, part in zip(_QKV, parts, strict=True)]
-    if suffix in ("mlp.mlp1_weight", "mlp.mlp2_weight"):
+        bounds = (0, cfg.q_dim, cfg.q_dim + cfg.kv_dim, cfg.q_dim + 2 * cfg.kv_dim)
+        return [(f"{prefix}self_attn.{proj}.{kind}", bounds[i], bounds[i + 1]) for i, proj in enumerate(_QKV)]
+    return [(prefix + _BLOCK_TO_HF[suffix], 0, None)]
+
+
+def layout_parts(layout: str, name: str, cfg: ModelConfig) -> list[tuple[str, int, int | None]]:
+    """:func:`hf_parts` for either layout (the OpenAI layout stores every canonical tensor whole)."""
+    return [(name, 0, None)] if layout == OPENAI else hf_parts(name, cfg)
+
+
+def to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """One canonical tensor -> its HF tensor(s): qkv splits into q/k/v rows, float experts transpose."""
+    if name.endswith(("mlp.mlp1_weight", "mlp.mlp2_weight")):
         tensor = tensor.transpose(-1, -2)
-    return [(prefix + _BLOCK_TO_HF[suffix], tensor)]
+    return [(part, tensor[start:stop]) for part, start, stop in hf_parts(name, cfg)]
 
 
 def hf_specs(cfg: ModelConfig, experts: str | torch.dtype, dtype: torch.dtype = torch.bfloat16) -> list[TensorSpec]:

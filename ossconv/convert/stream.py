@@ -1,0 +1,264 @@
+"""Rewrite a checkpoint into a layout and an expert precision, one tensor (one expert slice) at a time.
+
+Every command that writes a checkpoint (convert, pack, unpack) is this one plan: for each tensor of the
+output, either byte ranges to copy from the source (renames, the qkv row split/fuse, MXFP4 blocks and scales,
+which are the same bytes in both layouts), or an expert weight to re-express expert by expert (decode,
+encode, transpose between ``[E, out, in]`` and HF's ``[E, in, out]``). Copies run file to file in the
+kernel; expert work holds one expert slice in memory. Peak memory is therefore one expert slice plus small
+buffers, whatever the size of the model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ossconv.checkpoint import (
+    CONFIG_NAME,
+    DEFAULT_MAX_SHARD_SIZE,
+    DTYPES_NAME,
+    Checkpoint,
+    CheckpointWriter,
+    TensorInfo,
+    check_output_apart,
+    dtypes_json,
+)
+from ossconv.errors import CheckpointError
+from ossconv.formats import layouts, mxfp4
+from ossconv.formats.layouts import MXFP4, OPENAI, ExpertWeight, TensorSpec
+from ossconv.inspection import find_problems
+
+TORCH_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+@dataclass
+class ConversionResult:
+    """What a command wrote; the CLI renders it as text or JSON."""
+
+    command: str
+    source: str
+    output: str
+    source_layout: str
+    layout: str
+    source_precision: str
+    precision: str
+    tensors: int
+    files: int
+    bytes_written: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CopyJob:
+    """One output tensor assembled from source byte ranges: (source, start, nbytes, offset in the output)."""
+
+    target: str
+    segments: tuple[tuple[TensorInfo, int, int, int], ...]
+
+
+@dataclass(frozen=True)
+class ExpertJob:
+    """One fused expert weight re-expressed expert by expert."""
+
+    source: ExpertWeight
+    target: ExpertWeight
+
+
+# ---------------------------------------------------------------------------------------------- expert slices
+
+
+def expert_float_slices(ckpt: Checkpoint, weight: ExpertWeight, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """Yield each expert's weight as ``[out, in]`` of ``dtype``, decoding MXFP4 or un-transposing HF floats.
+
+    The yielded tensor is a reused buffer: consume it before asking for the next one.
+    """
+    buffer = torch.empty((weight.out_features, weight.in_features), dtype=dtype)
+    packed = weight.blocks in ckpt.tensors
+    for expert in range(weight.num_experts):
+        if packed:
+            blocks = ckpt.get_rows(weight.blocks, expert)[0]
+            scales = ckpt.get_rows(weight.scales, expert)[0]
+            yield mxfp4.decode(blocks, scales, dtype, out=buffer)
+        else:
+            matrix = ckpt.get_rows(weight.float_name, expert)[0]
+            yield buffer.copy_(matrix.T if weight.transposed else matrix)
+
+
+def write_expert_weight(
+    writer: CheckpointWriter,
+    weight: ExpertWeight,
+    target: str | torch.dtype,
+    slices: Iterator[torch.Tensor],
+    *,
+    rule: str = "up",
+    source_file: Path | None = None,
+) -> None:
+    """Write ``[out, in]`` expert slices as ``weight`` in ``target`` precision (MXFP4 or a float dtype)."""
+    if target == MXFP4:
+        blocks_spec, scales_spec = weight.packed_specs()
+        blocks = torch.empty(blocks_spec.shape[1:], dtype=torch.uint8)
+        scales = torch.empty(scales_spec.shape[1:], dtype=torch.uint8)
+        for expert, matrix in enumerate(slices):
+            try:
+                mxfp4.encode(matrix, rule, out=(blocks, scales))
+            except mxfp4.NonFiniteError as error:
+                raise CheckpointError(f"{weight.float_name} expert {expert}: {error}", source_file) from None
+            writer.write(weight.blocks, blocks, expert * blocks.numel())
+            writer.write(weight.scales, scales, expert * scales.numel())
+        return
+    per_expert = weight.out_features * weight.in_features * target.itemsize
+    buffer = torch.empty((weight.out_features, weight.in_features), dtype=target)
+    transposed = torch.empty((weight.in_features, weight.out_features), dtype=target)
+    for expert, matrix in enumerate(slices):
+        data = buffer.copy_(matrix)
+        if weight.transposed:
+            data = transposed.copy_(data.T)
+        writer.write(weight.float_name, data, expert * per_expert)
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+def _whole_copy(target: str, info: TensorInfo) -> CopyJob:
+    return CopyJob(target, ((info, 0, info.nbytes, 0),))
+
+
+def _dense_jobs(ckpt: Checkpoint, name: str, layout: str) -> list[tuple[TensorSpec, CopyJob]]:
+    """Specs and copy jobs for one canonical non-expert tensor, from the source layout to ``layout``.
+
+    The canonical tensor's bytes are its source parts' bytes in order (a row split never reorders bytes),
+    so every target part is a set of byte ranges of source parts.
+    """
+    sources = [ckpt.info(part) for part, _, _ in layouts.layout_parts(ckpt.layout, name, ckpt.config)]
+    if len({info.dtype for info in sources}) > 1:
+        raise CheckpointError(f"the parts of {name} have different dtypes", ckpt.path)
+    first = sources[0]
+    trailing = first.shape[1:]
+    row_bytes = first.nbytes // first.shape[0] if first.shape else first.nbytes
+    ranges, position = [], 0
+    for info in sources:
+        ranges.append((info, position, position + info.nbytes))
+        position += info.nbytes
+    rows = position // row_bytes
+    jobs = []
+    for part, start, stop in layouts.layout_parts(layout, name, ckpt.config):
+        stop = rows if stop is None else stop
+        lo, hi = start * row_bytes, stop * row_bytes
+        segments = tuple(
+            (info, max(lo, begin) - begin, min(hi, end) - max(lo, begin), max(lo, begin) - lo)
+            for info, begin, end in ranges
+            if begin < hi and end > lo
+        )
+        shape = (stop - start, *trailing) if first.shape else ()
+        jobs.append((TensorSpec(part, shape, first.dtype), CopyJob(part, segments)))
+    return jobs
+
+
+def plan(ckpt: Checkpoint, layout: str, experts: str | torch.dtype) -> tuple[list[TensorSpec], list[object]]:
+    """The output's tensors in file order, and the jobs that produce them."""
+    problems = find_problems(ckpt)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems; see ossconv inspect)" if len(problems) > 1 else ""
+        raise CheckpointError(problems[0] + more, ckpt.path)
+    cfg = ckpt.config
+    pairs = zip(layouts.expert_weights(ckpt.layout, cfg), layouts.expert_weights(layout, cfg), strict=True)
+    by_canonical = {f"block.{s.layer}.mlp.{s.proj}_weight": (s, t) for s, t in pairs}
+    specs: list[TensorSpec] = []
+    jobs: list[object] = []
+    source_format = ckpt.expert_format
+    for canonical in layouts.canonical_specs(cfg, MXFP4):
+        if canonical.name.endswith(".scales"):
+            continue
+        weight_name = canonical.name.removesuffix(".blocks")
+        if weight_name not in by_canonical:
+            for spec, job in _dense_jobs(ckpt, canonical.name, layout):
+                specs.append(spec)
+                jobs.append(job)
+            continue
+        source, target = by_canonical[weight_name]
+        if experts == MXFP4:
+            specs += list(target.packed_specs())
+            if source_format == MXFP4:  # the same bytes in both layouts
+                jobs += [
+                    _whole_copy(target.blocks, ckpt.info(source.blocks)),
+                    _whole_copy(target.scales, ckpt.info(source.scales)),
+                ]
+                continue
+        else:
+            specs.append(target.float_spec(experts))
+            if source_format == experts and source.transposed == target.transposed:
+                jobs.append(_whole_copy(target.float_name, ckpt.info(source.float_name)))
+                continue
+        jobs.append(ExpertJob(source, target))
+    return specs, jobs
+
+
+def config_files(ckpt: Checkpoint, layout: str, experts: str | torch.dtype, specs: list[TensorSpec]) -> dict[str, dict]:
+    """config.json (and dtypes.json) for the output; a source config of the same layout keeps its extra keys."""
+    if layout == OPENAI:
+        config = dict(ckpt.raw_config) if ckpt.layout == OPENAI else ckpt.config.to_openai()
+        return {CONFIG_NAME: config, DTYPES_NAME: dtypes_json(specs)}
+    if ckpt.layout == layouts.HF:
+        config = dict(ckpt.raw_config)
+    else:
+        dense = ckpt.tensors[next(iter(ckpt.tensors))].dtype
+        config = ckpt.config.to_hf(mxfp4=False, torch_dtype=TORCH_DTYPE_NAMES.get(dense, "bfloat16"))
+    config.pop("quantization_config", None)
+    if experts == MXFP4:
+        config["quantization_config"] = ckpt.config.to_hf(mxfp4=True)["quantization_config"]
+    return {CONFIG_NAME: config}
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def rewrite(
+    ckpt: Checkpoint,
+    out: str | Path,
+    *,
+    command: str,
+    layout: str,
+    experts: str | torch.dtype,
+    rule: str = "up",
+    overwrite: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    progress: Callable[[int], None] | None = None,
+) -> ConversionResult:
+    """Write ``ckpt`` to ``out`` in ``layout`` with expert weights in ``experts`` (``"mxfp4"`` or a dtype)."""
+    started = time.perf_counter()
+    out = Path(out)
+    check_output_apart(ckpt.path, out)
+    specs, jobs = plan(ckpt, layout, experts)
+    source_format = ckpt.expert_format
+    slice_dtype = source_format if experts == MXFP4 else experts  # encode reads source floats as they are
+    with CheckpointWriter(out, specs, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress) as writer:
+        for job in jobs:
+            if isinstance(job, CopyJob):
+                for info, start, nbytes, offset in job.segments:
+                    writer.copy(job.target, info, start=start, nbytes=nbytes, offset=offset)
+            else:
+                source_file = ckpt.info(job.source.blocks if source_format == MXFP4 else job.source.float_name).file
+                slices = expert_float_slices(ckpt, job.source, slice_dtype)
+                write_expert_weight(writer, job.target, experts, slices, rule=rule, source_file=source_file)
+        writer.finish(config_files(ckpt, layout, experts, specs), ckpt.side_files)
+    written = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".safetensors")
+    return ConversionResult(
+        command=command,
+        source=str(ckpt.path),
+        output=str(out),
+        source_layout=ckpt.layout,
+        layout=layout,
+        source_precision=ckpt.precision,
+        precision=layouts.precision_name(experts),
+        tensors=len(specs),
+        files=len(writer.files),
+        bytes_written=written,
+        seconds=time.perf_counter() - started,
+    )
