@@ -117,9 +117,10 @@ def write_expert_weight(
     buffer = torch.empty((weight.out_features, weight.in_features), dtype=target)
     transposed = torch.empty((weight.in_features, weight.out_features), dtype=target)
     for expert, matrix in enumerate(slices):
-        data = buffer.copy_(matrix)
         if weight.transposed:
-            data = transposed.copy_(data.T)
+            data = transposed.copy_(matrix.T)  # the one unavoidable pass: HF stores [in, out]
+        else:
+            data = matrix if matrix.dtype == target else buffer.copy_(matrix)
         writer.write(weight.float_name, data, expert * per_expert)
 
 

@@ -1,0 +1,91 @@
+"""convert on real gpt-oss-20b layer shapes, against `cp` of the same bytes measured in the same run.
+
+    python benchmarks/bench_convert.py [--layers 2 4] [--workdir /tmp/ossconv-bench]
+
+Builds synthetic OpenAI-layout MXFP4 checkpoints with gpt-oss-20b's layer shapes (hidden 2880, 64/8 heads,
+32 experts of 2880, top-4) and a small vocabulary, then runs the CLI in a child process per conversion and
+reads that child's own peak RSS (wait4). Targets (issue 4): same-precision conversion >= 0.7x the speed of
+`cp`; MXFP4 -> bf16 bound by the codec (compare with the decode-only time of the same experts); peak RSS
+under 1.5 GB and not growing with the number of layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ossconv import synthetic
+from ossconv.checkpoint import open_checkpoint
+from ossconv.formats import layouts, mxfp4
+
+REAL_20B_LAYER = dict(
+    hidden_size=2880, intermediate_size=2880, num_experts=32, experts_per_token=4,
+    num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128, vocab_size=4096,
+)
+
+
+def run(args: list[str]) -> tuple[float, int]:
+    """Seconds and peak RSS (bytes) of one child process."""
+    started = time.perf_counter()
+    child = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - started
+    if status != 0:
+        raise SystemExit(f"{' '.join(args)} failed with status {status}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def decode_only_seconds(folder: Path) -> float:
+    ckpt = open_checkpoint(folder)
+    started = time.perf_counter()
+    for weight in layouts.expert_weights(ckpt.layout, ckpt.config):
+        out = torch.empty(weight.out_features, weight.in_features, dtype=torch.bfloat16)
+        for expert in range(weight.num_experts):
+            mxfp4.decode(ckpt.get_rows(weight.blocks, expert)[0], ckpt.get_rows(weight.scales, expert)[0], out=out)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/ossconv-bench"))
+    args = parser.parse_args()
+    ossconv = [sys.executable, "-m", "ossconv"]
+    for layers in args.layers:
+        work = args.workdir / f"layers-{layers}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        source = synthetic.build(work / "src", synthetic.tiny_config(num_hidden_layers=layers, **REAL_20B_LAYER))
+        size = folder_bytes(source)
+        run(["cat", *map(str, source.iterdir())])  # warm the page cache for both cp and convert
+        cp_seconds, _ = run(["cp", "-r", str(source), str(work / "cp")])
+        same_seconds, same_rss = run([*ossconv, "convert", str(source), str(work / "hf"), "--to", "hf", "--quiet"])
+        bf16_seconds, bf16_rss = run(
+            [*ossconv, "convert", str(source), str(work / "hf-bf16"), "--to", "hf", "--dtype", "bf16", "--quiet"]
+        )
+        decode_seconds = decode_only_seconds(source)
+        out_size = folder_bytes(work / "hf-bf16")
+        print(f"{layers} layers of gpt-oss-20b shape: source {size / 1e9:.2f} GB, bf16 output {out_size / 1e9:.2f} GB")
+        print(f"  cp -r (anchor)              {cp_seconds:6.2f} s  {size / cp_seconds / 1e9:5.2f} GB/s")
+        print(f"  convert --to hf (mxfp4)     {same_seconds:6.2f} s  {size / same_seconds / 1e9:5.2f} GB/s  "
+              f"= {cp_seconds / same_seconds:.2f}x cp (target >= 0.7x)   peak RSS {same_rss / 1e9:.2f} GB")
+        print(f"  convert --to hf --dtype bf16 {bf16_seconds:5.2f} s  {out_size / bf16_seconds / 1e9:5.2f} GB/s out  "
+              f"peak RSS {bf16_rss / 1e9:.2f} GB (target < 1.5 GB)")
+        print(f"  decode alone, same experts  {decode_seconds:6.2f} s  -> convert spends "
+              f"{decode_seconds / bf16_seconds:.0%} of its time decoding")
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
