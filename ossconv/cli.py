@@ -105,6 +105,7 @@ def cli() -> None:
       ossconv unpack gpt-oss-20b/original gpt-oss-20b-bf16 --dtype bf16
       ossconv pack gpt-oss-20b-bf16 gpt-oss-20b-mxfp4 --rule up
       ossconv convert gpt-oss-20b/original gpt-oss-20b-hf --to hf --dtype bf16
+      ossconv verify gpt-oss-20b/original gpt-oss-20b-hf
       ossconv convert gpt-oss-20b/original gpt-oss-20b-hf --to hf --dtype bf16
     """
 
@@ -306,6 +307,143 @@ def convert(
         )
     _render_conversion(out, result)
     return EXIT_OK
+
+
+@cli.command()
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--tokens", default=None, help="Token ids to run, e.g. 1,2,3.")
+@click.option("--prompt-tokens", type=click.Path(), default=None, help="File of token ids (commas, spaces or JSON).")
+@click.option("--num-tokens", type=click.IntRange(1), default=None, help="Run N random token ids (default 32).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --num-tokens.")
+@click.option("--exact", is_flag=True, help="Require bit-identical hidden states and logits.")
+@click.option(
+    "--atol",
+    type=click.FloatRange(0),
+    default=None,
+    help="Largest |A - B| allowed in hidden states and "
+    "logits (default 1e-3: lossless conversions give 0, layout bugs give O(1)).",
+)
+@click.option(
+    "--kl-max",
+    type=click.FloatRange(0),
+    default=None,
+    help="Largest KL(A || B) of the next-token distributions at any position (default 1e-4).",
+)
+@click.option("--report", "report_path", type=click.Path(), default=None, help="Also write the JSON report here.")
+@click.option(
+    "--save-logits",
+    type=click.Path(),
+    default=None,
+    help="Write both runs' logits to a safetensors file (tensors a and b, float32 [tokens, vocab]).",
+)
+@output_options
+def verify(
+    a: str,
+    b: str,
+    tokens: str | None,
+    prompt_tokens: str | None,
+    num_tokens: int | None,
+    seed: int,
+    exact: bool,
+    atol: float | None,
+    kl_max: float | None,
+    report_path: str | None,
+    save_logits: str | None,
+    out: Output,
+) -> int:
+    """Run the reference gpt-oss forward pass on A and B in lockstep (fp32) and compare layer by layer.
+
+    \b
+    A and B may be in any layout and precision. Exit 0 when they agree within tolerance (bit for bit
+    under --exact), 1 when they differ (the report names the first divergent layer), 2 on bad input.
+
+    \b
+    Examples:
+      ossconv verify gpt-oss-20b/original gpt-oss-20b-hf
+      ossconv verify original converted --exact --report verify.json
+    """
+    from pathlib import Path
+
+    from ossconv.verify import lockstep
+
+    if sum(x is not None for x in (tokens, prompt_tokens, num_tokens)) > 1:
+        raise click.UsageError("Choose one of --tokens, --prompt-tokens and --num-tokens.")
+    if exact and (atol is not None or kl_max is not None):
+        raise click.UsageError("Choose either --exact or --atol/--kl-max, not both.")
+    from ossconv.checkpoint import open_checkpoint
+
+    config = open_checkpoint(a).config
+    ids = None
+    if tokens is not None:
+        ids = lockstep.parse_tokens(tokens)
+    elif prompt_tokens is not None:
+        try:
+            text = Path(prompt_tokens).read_text()
+        except OSError as error:
+            raise OssconvError(f"cannot read: {error.strerror}", prompt_tokens) from None
+        ids = lockstep.parse_tokens(text, prompt_tokens)
+    elif num_tokens is not None:
+        ids = lockstep.random_tokens(config.vocab_size, num_tokens, seed)
+    layers = config.num_hidden_layers
+    bar = tqdm(
+        total=layers + 1,
+        desc="verify",
+        unit="layer",
+        leave=False,
+        file=sys.stderr,
+        disable=out.as_json or out.quiet or not sys.stderr.isatty(),
+    )
+    with bar:
+        report, logits_a, logits_b = lockstep.verify(
+            a,
+            b,
+            ids,
+            exact=exact,
+            atol=lockstep.DEFAULT_ATOL if atol is None else atol,
+            kl_max=lockstep.DEFAULT_KL_MAX if kl_max is None else kl_max,
+            on_layer=lambda _: bar.update(1),
+        )
+    document = report.to_dict()
+    if report_path:
+        _write_atomically(Path(report_path), (json.dumps(document, indent=2) + "\n").encode())
+    if save_logits:
+        from safetensors.torch import save
+
+        _write_atomically(Path(save_logits), save({"a": logits_a.contiguous(), "b": logits_b.contiguous()}))
+    out.result(document, lambda: _render_verify(report))
+    return EXIT_OK if report.same else EXIT_DIFFER
+
+
+def _write_atomically(path: Any, data: bytes) -> None:
+    temp = path.with_name(f".{path.name}.ossconv-tmp-{os.getpid()}")
+    try:
+        temp.write_bytes(data)
+        os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise OssconvError(f"cannot write: {error.strerror}", path) from None
+
+
+def _render_verify(report: Any) -> None:
+    click.echo(f"A: {report.a.path} ({report.a.layout}, {report.a.precision})")
+    click.echo(f"B: {report.b.path} ({report.b.layout}, {report.b.precision})")
+    tolerance = "bit-identical" if report.mode == "exact" else f"atol {report.atol:g}, KL max {report.kl_max:g}"
+    click.echo(f"{len(report.tokens)} tokens, fp32, {tolerance}")
+    click.echo(f"  {'step':<12} {'max |A-B|':>11} {'rel error':>11} {'cosine':>10}")
+    for s in report.states:
+        mark = "identical" if s.identical else ""
+        click.echo(f"  {s.step:<12} {s.max_abs_error:11.3e} {s.relative_error:11.3e} {s.cosine:10.6f}  {mark}")
+    lg = report.logits
+    click.echo(
+        f"  logits: max |A-B| {lg.max_abs_error:.3e}, KL mean {lg.kl_mean:.3e} max {lg.kl_max:.3e}, "
+        f"top-1 agreement {lg.top1_agreement:.2%}"
+    )
+    if report.same:
+        click.echo("verdict: same")
+    else:
+        where = report.first_divergent_layer
+        click.echo("verdict: DIFFER" + (f" (first divergent layer: {where})" if where is not None else " (logits)"))
 
 
 @cli.command()

@@ -20,6 +20,7 @@ from ossconv.convert.layout import convert
 from ossconv.convert.precision import pack, unpack
 from ossconv.formats import layouts, mxfp4
 from ossconv.inspection import inspect_checkpoint
+from ossconv.verify.lockstep import verify
 
 
 @dataclass
@@ -129,6 +130,12 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
                 return False, f"{name} differs"
         return True, f"all {len(first.tensors)} tensors byte-identical"
 
+    def do_verify(a: str, b: str) -> tuple[bool, str]:
+        report, _, _ = verify(path(a), path(b), exact=True)
+        if report.same:
+            return True, f"{b} vs {a}: embedding, {len(report.states) - 1} layers and logits bit-identical"
+        return False, f"{b} vs {a}: differ from layer {report.first_divergent_layer}"
+
     try:
         for layout in layouts.LAYOUTS:
             if not step(f"build synthetic ({layout})", build, layout):
@@ -138,6 +145,8 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
                 f"pack -> mxfp4 ({layout})", do_pack, layout
             ):
                 step(f"values identical ({layout})", check, layout)
+                step(f"verify unpacked ({layout})", do_verify, f"{layout}-mxfp4", f"{layout}-bf16")
+                step(f"verify repacked ({layout})", do_verify, f"{layout}-mxfp4", f"{layout}-repacked")
         chain = [
             ("openai-mxfp4", "chain-hf-mxfp4", "hf", "mxfp4"),
             ("chain-hf-mxfp4", "chain-hf-bf16", "hf", "bf16"),
@@ -145,6 +154,8 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
         ]
         if all(step(f"convert {a} -> {b}", do_convert, a, b, layout, dtype) for a, b, layout, dtype in chain):
             step("round trip byte-identical", byte_identical, "openai-mxfp4", "chain-openai-mxfp4")
+            for _, converted, _, _ in chain:
+                step(f"verify {converted}", do_verify, "openai-mxfp4", converted)
     finally:
         if out is None:
             shutil.rmtree(folder, ignore_errors=True)

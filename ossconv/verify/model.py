@@ -1,0 +1,173 @@
+"""The gpt-oss forward pass, in fp32, one layer at a time, with weights read lazily from a checkpoint.
+
+It follows OpenAI's reference (``gpt_oss/torch/model.py``): pre-norm residual blocks; attention with GQA,
+biases, YaRN rotary embeddings on non-interleaved halves, a learned sink logit per head, and a sliding
+window on even layers; a top-k router with softmax over the selected logits; SwiGLU experts with clamping
+and the +1 on the linear half. Facts: GPT_OSS_FACTS.md section 7.
+
+Why fp32: bf16 rounding flips top-k routing in small random MoE models and moves logits by O(1) between
+two correct implementations, which would hide a real conversion bug. Weights are upcast as they are read
+(exactly: bf16, fp16 and MXFP4 values are all fp32 values), so two checkpoints holding the same values in
+different layouts or precisions give bit-identical activations.
+
+Memory: one layer's dense weights in fp32 plus one expert at a time (for gpt-oss-20b shapes about 110 MB
+of attention weights and 100 MB per expert), plus activations of a few tokens. Only the experts that the
+router picks for these tokens are read and decoded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ossconv.checkpoint import Checkpoint
+from ossconv.formats import layouts, mxfp4
+from ossconv.formats.config import ModelConfig
+
+RMS_NORM_EPS = 1e-5
+SWIGLU_ALPHA = 1.702
+UNEMBED_ROWS = 16384  # vocabulary rows per step: 190 MB of fp32 at hidden 2880, not the 2.3 GB whole
+
+
+class WeightReader:
+    """Canonical (OpenAI-named, ``[out, in]``) fp32 weights from a checkpoint in either layout."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        self.config = ckpt.config
+        self._experts = {(w.layer, w.proj): w for w in layouts.expert_weights(ckpt.layout, ckpt.config)}
+
+    def dense(self, name: str) -> torch.Tensor:
+        """A canonical non-expert tensor (qkv is re-fused from HF's q/k/v rows)."""
+        parts = [self.ckpt.get(part) for part, _, _ in layouts.layout_parts(self.ckpt.layout, name, self.config)]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return tensor.to(torch.float32)
+
+    def expert(self, layer: int, proj: str, expert: int) -> torch.Tensor:
+        """One expert's ``[out, in]`` weight of ``mlp1`` (gate/up interleaved rows) or ``mlp2``."""
+        weight = self._experts[(layer, proj)]
+        if weight.blocks in self.ckpt.tensors:
+            blocks = self.ckpt.get_rows(weight.blocks, expert)[0]
+            scales = self.ckpt.get_rows(weight.scales, expert)[0]
+            return mxfp4.decode(blocks, scales, torch.float32)
+        matrix = self.ckpt.get_rows(weight.float_name, expert)[0].to(torch.float32)
+        return matrix.T.contiguous() if weight.transposed else matrix
+
+
+def rms_norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + RMS_NORM_EPS) * scale
+
+
+def rotary_cos_sin(cfg: ModelConfig, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """YaRN: blend interpolated and extrapolated frequencies with a linear ramp (no rounding of the bounds),
+    and scale cos/sin by the concentration 0.1 ln(factor) + 1."""
+    d = cfg.head_dim
+    freq = cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    if cfg.rope_scaling_factor > 1.0:
+        concentration = 0.1 * math.log(cfg.rope_scaling_factor) + 1.0
+        d_half = d / 2
+        low = (
+            d_half * math.log(cfg.initial_context_length / (cfg.rope_ntk_beta * 2 * math.pi)) / math.log(cfg.rope_theta)
+        )
+        high = (
+            d_half
+            * math.log(cfg.initial_context_length / (cfg.rope_ntk_alpha * 2 * math.pi))
+            / math.log(cfg.rope_theta)
+        )
+        interpolation = 1.0 / (cfg.rope_scaling_factor * freq)
+        extrapolation = 1.0 / freq
+        ramp = (torch.arange(d_half, dtype=torch.float32) - low) / (high - low)
+        mask = 1 - ramp.clamp(0, 1)
+        inv_freq = interpolation * (1 - mask) + extrapolation * mask
+    else:
+        concentration = 1.0
+        inv_freq = 1.0 / freq
+    angles = torch.einsum("t,f->tf", torch.arange(num_tokens, dtype=torch.float32), inv_freq)
+    return angles.cos() * concentration, angles.sin() * concentration
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first and second halves of each head (not interleaved pairs). x: (T, heads, D)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def attention(x: torch.Tensor, weights: WeightReader, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cfg = weights.config
+    p = f"block.{layer}.attn."
+    t = rms_norm(x, weights.dense(p + "norm.scale"))
+    qkv = t @ weights.dense(p + "qkv.weight").T + weights.dense(p + "qkv.bias")  # (T, Q + 2K)
+    num_tokens, kv_heads, d = x.shape[0], cfg.num_key_value_heads, cfg.head_dim
+    group = cfg.num_attention_heads // kv_heads
+    q = qkv[:, : cfg.q_dim].reshape(num_tokens, kv_heads * group, d)
+    k = qkv[:, cfg.q_dim : cfg.q_dim + cfg.kv_dim].reshape(num_tokens, kv_heads, d)
+    v = qkv[:, cfg.q_dim + cfg.kv_dim :].reshape(num_tokens, kv_heads, d)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    q = q.view(num_tokens, kv_heads, group, d)
+    scores = torch.einsum("qhmd,khd->hmqk", q, k) / math.sqrt(d)  # (KV, G, T, T)
+    mask = torch.triu(torch.full((num_tokens, num_tokens), -math.inf), diagonal=1)
+    if layer % 2 == 0 and cfg.sliding_window > 0:  # a query at t sees keys t - window + 1 .. t
+        mask += torch.tril(torch.full((num_tokens, num_tokens), -math.inf), diagonal=-cfg.sliding_window)
+    scores = scores + mask
+    sinks = weights.dense(p + "sinks").view(kv_heads, group, 1, 1).expand(-1, -1, num_tokens, 1)
+    probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]  # the sink only absorbs mass
+    out = torch.einsum("hmqk,khd->qhmd", probs, v).reshape(num_tokens, cfg.q_dim)
+    return x + out @ weights.dense(p + "out.weight").T + weights.dense(p + "out.bias")
+
+
+def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
+    """Gate = even rows clamped above, up = odd rows clamped both ways; the +1 on up is gpt-oss's own."""
+    gate, up = h[..., ::2].clamp(max=limit), h[..., 1::2].clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(SWIGLU_ALPHA * gate) * (up + 1)
+
+
+def moe(x: torch.Tensor, weights: WeightReader, layer: int) -> torch.Tensor:
+    cfg = weights.config
+    p = f"block.{layer}.mlp."
+    t = rms_norm(x, weights.dense(p + "norm.scale"))
+    logits = t @ weights.dense(p + "gate.weight").T + weights.dense(p + "gate.bias")  # (T, E)
+    top = torch.topk(logits, k=cfg.experts_per_token, dim=-1, sorted=True)
+    gates = torch.softmax(top.values, dim=-1)  # over the selected experts only
+    mlp1_bias, mlp2_bias = weights.dense(p + "mlp1_bias"), weights.dense(p + "mlp2_bias")
+    out = torch.zeros_like(x)
+    for expert in top.indices.unique().tolist():  # only the experts the router picked are read
+        tokens, slot = (top.indices == expert).nonzero(as_tuple=True)
+        h = t[tokens] @ weights.expert(layer, "mlp1", expert).T + mlp1_bias[expert]
+        y = swiglu(h, cfg.swiglu_limit) @ weights.expert(layer, "mlp2", expert).T + mlp2_bias[expert]
+        out.index_add_(0, tokens, y * gates[tokens, slot, None])
+    return x + out
+
+
+def embed(weights: WeightReader, tokens: torch.Tensor) -> torch.Tensor:
+    name = layouts.layout_parts(weights.ckpt.layout, "embedding.weight", weights.config)[0][0]
+    rows = [weights.ckpt.get_rows(name, int(t))[0] for t in tokens]  # read only the rows used
+    return torch.stack(rows).to(torch.float32)
+
+
+def block(
+    x: torch.Tensor, weights: WeightReader, layer: int, rotary: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    return moe(attention(x, weights, layer, *rotary), weights, layer)
+
+
+def unembed(x: torch.Tensor, weights: WeightReader) -> torch.Tensor:
+    x = rms_norm(x, weights.dense("norm.scale"))
+    name = layouts.layout_parts(weights.ckpt.layout, "unembedding.weight", weights.config)[0][0]
+    vocab = weights.config.vocab_size
+    chunks = []
+    for start in range(0, vocab, UNEMBED_ROWS):
+        rows = weights.ckpt.get_rows(name, start, min(vocab, start + UNEMBED_ROWS)).to(torch.float32)
+        chunks.append(x @ rows.T)
+    return torch.cat(chunks, dim=-1)
+
+
+def forward(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits (T, vocab) in fp32 for one sequence; the whole pass, for checking against the references."""
+    weights = WeightReader(ckpt)
+    rotary = rotary_cos_sin(ckpt.config, len(tokens))
+    x = embed(weights, tokens)
+    for layer in range(ckpt.config.num_hidden_layers):
+        x = block(x, weights, layer, rotary)
+    return unembed(x, weights)
