@@ -26,8 +26,15 @@ from ossconv.checkpoint import open_checkpoint
 from ossconv.formats import layouts, mxfp4
 
 REAL_20B_LAYER = dict(
-    hidden_size=2880, intermediate_size=2880, num_experts=32, experts_per_token=4,
-    num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128, vocab_size=4096,
+    hidden_size=2880,
+    intermediate_size=2880,
+    num_experts=32,
+    experts_per_token=4,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    head_dim=64,
+    sliding_window=128,
+    vocab_size=4096,
 )
 
 
@@ -78,12 +85,18 @@ def main() -> None:
         out_size = folder_bytes(work / "hf-bf16")
         print(f"{layers} layers of gpt-oss-20b shape: source {size / 1e9:.2f} GB, bf16 output {out_size / 1e9:.2f} GB")
         print(f"  cp -r (anchor)              {cp_seconds:6.2f} s  {size / cp_seconds / 1e9:5.2f} GB/s")
-        print(f"  convert --to hf (mxfp4)     {same_seconds:6.2f} s  {size / same_seconds / 1e9:5.2f} GB/s  "
-              f"= {cp_seconds / same_seconds:.2f}x cp (target >= 0.7x)   peak RSS {same_rss / 1e9:.2f} GB")
-        print(f"  convert --to hf --dtype bf16 {bf16_seconds:5.2f} s  {out_size / bf16_seconds / 1e9:5.2f} GB/s out  "
-              f"peak RSS {bf16_rss / 1e9:.2f} GB (target < 1.5 GB)")
-        print(f"  decode alone, same experts  {decode_seconds:6.2f} s  -> convert spends "
-              f"{decode_seconds / bf16_seconds:.0%} of its time decoding")
+        print(
+            f"  convert --to hf (mxfp4)     {same_seconds:6.2f} s  {size / same_seconds / 1e9:5.2f} GB/s  "
+            f"= {cp_seconds / same_seconds:.2f}x cp (target >= 0.7x)   peak RSS {same_rss / 1e9:.2f} GB"
+        )
+        print(
+            f"  convert --to hf --dtype bf16 {bf16_seconds:5.2f} s  {out_size / bf16_seconds / 1e9:5.2f} GB/s out  "
+            f"peak RSS {bf16_rss / 1e9:.2f} GB (target < 1.5 GB)"
+        )
+        print(
+            f"  decode alone, same experts  {decode_seconds:6.2f} s  -> convert spends "
+            f"{decode_seconds / bf16_seconds:.0%} of its time decoding"
+        )
         shutil.rmtree(work, ignore_errors=True)
 
 

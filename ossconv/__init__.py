@@ -18,6 +18,7 @@ from ossconv.errors import CheckpointError, OssconvError  # noqa: E402
 from ossconv.formats.config import ModelConfig  # noqa: E402
 from ossconv.formats.mxfp4 import decode, encode  # noqa: E402
 from ossconv.inspection import InspectReport, inspect_checkpoint  # noqa: E402
+from ossconv.verify.lockstep import VerifyReport, verify  # noqa: E402
 
 __all__ = [
     "Checkpoint",
@@ -34,4 +35,6 @@ __all__ = [
     "open_checkpoint",
     "pack",
     "unpack",
+    "verify",
+    "VerifyReport",
 ]

@@ -1,0 +1,80 @@
+"""verify on real gpt-oss-20b layer shapes: seconds per layer and peak RSS, 32 tokens.
+
+    python benchmarks/bench_verify.py [--layers 2] [--tokens 32] [--workdir /tmp/ossconv-bench-verify]
+
+A synthetic OpenAI-layout MXFP4 checkpoint with gpt-oss-20b's layer shapes (hidden 2880, 64 query / 8 KV
+heads, 32 experts of 2880, top-4; small vocabulary) is verified against its HF-layout conversion, in a
+child process whose own peak RSS is read (wait4); the interpreter start-up, measured in the same run, is
+subtracted from the per-layer time. Targets (issue 5): under 10 s per layer and under 3 GB RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ossconv import convert, synthetic
+
+REAL_20B_LAYER = dict(
+    hidden_size=2880,
+    intermediate_size=2880,
+    num_experts=32,
+    experts_per_token=4,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    head_dim=64,
+    sliding_window=128,
+    vocab_size=4096,
+)
+
+
+def run(args: list[str]) -> tuple[float, int, dict]:
+    started = time.perf_counter()
+    child = subprocess.Popen(args, stdout=subprocess.PIPE)
+    output = child.stdout.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    return time.perf_counter() - started, usage.ru_maxrss * 1024, json.loads(output)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/ossconv-bench-verify"))
+    args = parser.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    args.workdir.mkdir(parents=True)
+    config = synthetic.tiny_config(num_hidden_layers=args.layers, **REAL_20B_LAYER)
+    source = synthetic.build(args.workdir / "openai", config)
+    convert(source, args.workdir / "hf", to="hf")
+    command = [
+        sys.executable,
+        "-m",
+        "ossconv",
+        "verify",
+        str(source),
+        str(args.workdir / "hf"),
+        "--num-tokens",
+        str(args.tokens),
+        "--json",
+    ]
+    startup, _, _ = run([sys.executable, "-c", "import json, torch, ossconv.cli; print(json.dumps({}))"])
+    seconds, rss, report = run(command)
+    per_layer = (seconds - startup) / args.layers
+    print(f"verify, {args.layers} layers of gpt-oss-20b shape, {args.tokens} tokens, A openai/mxfp4 vs B hf/mxfp4")
+    print(
+        f"  total {seconds:.1f} s (of which {startup:.1f} s interpreter start-up), "
+        f"{per_layer:.2f} s per layer for both runs (target < 10 s)"
+    )
+    print(f"  peak RSS {rss / 1e9:.2f} GB (target < 3 GB); verdict {report['verdict']}")
+    shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
