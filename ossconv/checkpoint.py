@@ -39,6 +39,8 @@ DTYPES_NAME = "dtypes.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+EP_MANIFEST_NAME = "ep_manifest.json"
+EP_FORMAT = "ossconv-expert-parallel-v1"
 # Files beside the weights that describe the model to other tools; copied through by every command.
 SIDE_FILE_PATTERN = re.compile(
     r"(tokenizer.*|special_tokens_map\.json|chat_template.*|generation_config\.json|vocab\..*|merges\.txt"
@@ -176,8 +178,12 @@ class Checkpoint:
     layout: str
     config: ModelConfig
     raw_config: dict[str, Any]
-    tensors: dict[str, TensorInfo]  # in file order (layouts.order_key)
+    tensors: dict[str, TensorInfo]  # in file order (layouts.order_key); split experts appear fused
     side_files: list[Path] = field(default_factory=list)
+    # Fused expert tensors stored split, one tensor per expert (split or expert-parallel checkpoints):
+    # fused name -> expert -> that expert's tensor. Their TensorInfo in ``tensors`` has offset -1.
+    pieces: dict[str, dict[int, TensorInfo]] = field(default_factory=dict)
+    config_file: Path | None = None  # config.json (in the first rank's folder for expert-parallel ones)
 
     @property
     def expert_format(self) -> str | torch.dtype:
@@ -205,14 +211,58 @@ class Checkpoint:
     def get(self, name: str) -> torch.Tensor:
         """The whole tensor, in memory (the file's map is closed again before returning)."""
         info = self.info(name)
+        if name in self.pieces:
+            return self.get_rows(name, 0, info.shape[0])
         with _open_file(info.file) as handle:
             return handle.get_tensor(name)
 
     def get_rows(self, name: str, start: int, stop: int | None = None) -> torch.Tensor:
         """``tensor[start:stop]`` along the first axis (one expert of a fused expert tensor), read alone."""
         info = self.info(name)
+        stop = start + 1 if stop is None else stop
+        if name in self.pieces:
+            parts = [self._piece(name, expert) for expert in range(start, stop)]
+            rows = []
+            for part in parts:
+                with _open_file(part.file) as handle:
+                    rows.append(handle.get_tensor(part.name))
+            return torch.stack(rows)
         with _open_file(info.file) as handle:
-            return handle.get_slice(name)[start : (start + 1 if stop is None else stop)]
+            return handle.get_slice(name)[start:stop]
+
+    def _piece(self, name: str, expert: int) -> TensorInfo:
+        try:
+            return self.pieces[name][expert]
+        except KeyError:
+            held = sorted(self.pieces[name])
+            raise CheckpointError(
+                f"expert {expert} of {name} is not here (this checkpoint holds experts "
+                f"{format_ranges(held)}: an expert-parallel rank?)",
+                self.path,
+            ) from None
+
+    def byte_pieces(self, name: str) -> list[tuple[TensorInfo, int, int]]:
+        """Where the tensor's bytes live, in order: (stored tensor, first byte, byte count)."""
+        info = self.info(name)
+        if name in self.pieces:
+            return [(part, 0, part.nbytes) for part in (self._piece(name, e) for e in range(info.shape[0]))]
+        return [(info, 0, info.nbytes)]
+
+    def missing_experts(self, name: str) -> list[int]:
+        if name not in self.pieces:
+            return []
+        return [e for e in range(self.info(name).shape[0]) if e not in self.pieces[name]]
+
+
+def format_ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    spans: list[list[int]] = []
+    for value in values:
+        if spans and value == spans[-1][1] + 1:
+            spans[-1][1] = value
+        else:
+            spans.append([value, value])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in spans) or "none"
 
 
 class _open_file:
@@ -240,32 +290,78 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
+def _read_tensors(
+    folder: Path, shared_ok: bool = False, into: dict[str, TensorInfo] | None = None
+) -> dict[str, TensorInfo]:
+    """Every tensor of one folder (checked against its index); ``shared_ok`` lets non-expert tensors that
+    an earlier folder already gave (expert-parallel ranks each carry them) be skipped."""
+    tensors = {} if into is None else into
+    files, weight_map = _weight_files(folder)
+    seen: dict[str, Path] = {}
+    for file in files:
+        for name, info in _tensor_infos(file).items():
+            if name in seen:
+                raise CheckpointError(f"tensor {name!r} is stored twice (also in {seen[name].name})", file)
+            seen[name] = file
+            if name in tensors:
+                if shared_ok and layouts.parse_split_name(name) is None:
+                    continue
+                raise CheckpointError(f"tensor {name!r} is stored twice (also in {tensors[name].file})", file)
+            tensors[name] = info
+    if weight_map is not None:
+        for name, relative in weight_map.items():
+            if name not in seen or seen[name].name != Path(relative).name:
+                raise CheckpointError(
+                    f"the index places {name!r} in {relative}, which does not hold it", folder / INDEX_NAME
+                )
+    return tensors
+
+
+def rank_folders(folder: Path) -> list[Path] | None:
+    """The rank folders of an expert-parallel checkpoint (None when ``folder`` is not one)."""
+    manifest_path = folder / EP_MANIFEST_NAME
+    if not manifest_path.is_file():
+        return None
+    manifest = _read_json(manifest_path)
+    ranks = manifest.get("ranks")
+    if manifest.get("format") != EP_FORMAT or not isinstance(ranks, list) or not ranks:
+        raise CheckpointError(f"not an ossconv expert-parallel manifest (format {EP_FORMAT!r})", manifest_path)
+    folders = []
+    for rank in ranks:
+        relative = rank.get("folder") if isinstance(rank, dict) else None
+        if not isinstance(relative, str):
+            raise CheckpointError("a rank entry has no folder", manifest_path)
+        candidate = folder / relative
+        if not candidate.is_dir():
+            raise CheckpointError(f"rank folder {relative} is missing", folder)
+        if not _inside(folder, candidate):
+            raise CheckpointError(f"the manifest points outside the checkpoint folder: {relative!r}", manifest_path)
+        folders.append(candidate)
+    return folders
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open and check a checkpoint folder: its files, headers, index, layout and config."""
+    """Open and check a checkpoint folder: its files, headers, index, layout and config.
+
+    Besides plain folders it reads split-expert checkpoints and expert-parallel ones (a folder with
+    ``ep_manifest.json`` and rank folders), presenting their experts as the fused tensors they came from.
+    """
     folder = Path(path)
     if not folder.exists():
         raise CheckpointError("no such folder", folder)
     if not folder.is_dir():
         raise CheckpointError("not a folder; pass the folder that holds the checkpoint", folder)
-    files, weight_map = _weight_files(folder)
+    ranks = rank_folders(folder)
     tensors: dict[str, TensorInfo] = {}
-    for file in files:
-        for name, info in _tensor_infos(file).items():
-            if name in tensors:
-                raise CheckpointError(f"tensor {name!r} is stored twice (also in {tensors[name].file.name})", file)
-            tensors[name] = info
-    if weight_map is not None:
-        for name, relative in weight_map.items():
-            if name not in tensors or tensors[name].file.name != Path(relative).name:
-                raise CheckpointError(
-                    f"the index places {name!r} in {relative}, which does not hold it", folder / INDEX_NAME
-                )
+    for part in ranks or [folder]:
+        _read_tensors(part, shared_ok=ranks is not None, into=tensors)
+    home = ranks[0] if ranks else folder  # where config.json and side files are
     layout = layouts.detect_layout(set(tensors))
     if layout is None:
-        raise CheckpointError("no gpt-oss tensors found (neither OpenAI nor Hugging Face names)", files[0])
-    config_path = folder / CONFIG_NAME
+        raise CheckpointError("no gpt-oss tensors found (neither OpenAI nor Hugging Face names)", folder)
+    config_path = home / CONFIG_NAME
     if not config_path.is_file():
-        raise CheckpointError("config.json is missing", folder)
+        raise CheckpointError("config.json is missing", home)
     raw_config = _read_json(config_path)
     try:
         config = ModelConfig.from_openai(raw_config) if layout == layouts.OPENAI else ModelConfig.from_hf(raw_config)
@@ -274,11 +370,40 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     problems = config.problems()
     if problems:
         raise CheckpointError(problems[0], config_path)
+    pieces = _fuse_split_experts(tensors, config, folder)
     ordered = {name: tensors[name] for name in sorted(tensors, key=layouts.order_key)}
-    side = sorted(
-        p for p in folder.iterdir() if p.is_file() and SIDE_FILE_PATTERN.fullmatch(p.name) and _inside(folder, p)
-    )
-    return Checkpoint(folder, layout, config, raw_config, ordered, side)
+    side = sorted(p for p in home.iterdir() if p.is_file() and SIDE_FILE_PATTERN.fullmatch(p.name) and _inside(home, p))
+    return Checkpoint(folder, layout, config, raw_config, ordered, side, pieces, config_path)
+
+
+def _fuse_split_experts(
+    tensors: dict[str, TensorInfo], config: ModelConfig, folder: Path
+) -> dict[str, dict[int, TensorInfo]]:
+    """Replace per-expert tensors in ``tensors`` by a fused entry; return the pieces behind each."""
+    pieces: dict[str, dict[int, TensorInfo]] = {}
+    for name in list(tensors):
+        parsed = layouts.parse_split_name(name)
+        if parsed:
+            fused, expert = parsed
+            pieces.setdefault(fused, {})[expert] = tensors.pop(name)
+    for fused, by_expert in pieces.items():
+        first = by_expert[min(by_expert)]
+        for expert, info in by_expert.items():
+            if (info.shape, info.dtype) != (first.shape, first.dtype):
+                raise CheckpointError(
+                    f"expert {expert} of {fused} has another shape or dtype than expert {min(by_expert)}", info.file
+                )
+            if not 0 <= expert < config.num_experts:
+                raise CheckpointError(
+                    f"{info.name}: expert {expert} does not exist (num_experts {config.num_experts})", info.file
+                )
+        if fused in tensors:
+            raise CheckpointError(f"{fused} is stored both fused and split", folder)
+        total = config.num_experts
+        tensors[fused] = TensorInfo(
+            fused, (total, *first.shape), first.dtype, first.file, -1, len(by_expert) * first.nbytes
+        )
+    return pieces
 
 
 # ---------------------------------------------------------------------------------------------- writing

@@ -106,6 +106,7 @@ def cli() -> None:
       ossconv pack gpt-oss-20b-bf16 gpt-oss-20b-mxfp4 --rule up
       ossconv convert gpt-oss-20b/original gpt-oss-20b-hf --to hf --dtype bf16
       ossconv verify gpt-oss-20b/original gpt-oss-20b-hf
+      ossconv reshard gpt-oss-120b/original gpt-oss-120b-ep4 --ep-ranks 4
       ossconv convert gpt-oss-20b/original gpt-oss-20b-hf --to hf --dtype bf16
     """
 
@@ -306,6 +307,71 @@ def convert(
             progress=bar.update,
         )
     _render_conversion(out, result)
+    return EXIT_OK
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.argument("output", type=click.Path())
+@click.option(
+    "--experts",
+    type=click.Choice(["fused", "split"]),
+    default=None,
+    help="fused: one [E, ...] tensor per weight; split: one tensor per expert, named ...experts.{j}... "
+    "(default: as the source).",
+)
+@click.option(
+    "--ep-ranks",
+    type=click.IntRange(1),
+    default=None,
+    help="Write N expert-parallel rank folders rank-0000r-of-0000N/ (N must divide the expert count), "
+    "each with every shared tensor and only its experts, and ep_manifest.json.",
+)
+@click.option(
+    "--merge",
+    "merge_ranks",
+    is_flag=True,
+    help="Put a split or expert-parallel checkpoint back together (fused experts), checking its manifest.",
+)
+@write_options
+@output_options
+def reshard(
+    checkpoint: str,
+    output: str,
+    experts: str | None,
+    ep_ranks: int | None,
+    merge_ranks: bool,
+    overwrite: bool,
+    max_shard_size: str,
+    out: Output,
+) -> int:
+    """Re-cut CHECKPOINT into OUTPUT without changing a byte of any tensor.
+
+    \b
+    Examples:
+      ossconv reshard gpt-oss-20b gpt-oss-20b-1gb --max-shard-size 1GB
+      ossconv reshard gpt-oss-20b gpt-oss-20b-split --experts split
+      ossconv reshard gpt-oss-120b/original gpt-oss-120b-ep4 --ep-ranks 4
+      ossconv reshard --merge gpt-oss-120b-ep4 gpt-oss-120b-again
+    """
+    from ossconv.checkpoint import parse_size
+    from ossconv.convert import reshard as run
+
+    if merge_ranks and (ep_ranks is not None or experts == "split"):
+        raise click.UsageError("--merge puts experts back together; it takes neither --ep-ranks nor --experts split.")
+    if ep_ranks is not None and experts == "fused":
+        raise click.UsageError("Expert-parallel ranks hold split experts; drop --experts fused.")
+    options = dict(overwrite=overwrite, max_shard_size=parse_size(max_shard_size))
+    size = _source_bytes(checkpoint)
+    with out.progress(size if merge_ranks else size * (ep_ranks or 1), "reshard") as bar:
+        if merge_ranks:
+            result = run.merge(checkpoint, output, progress=bar.update, **options)
+        else:
+            result = run.reshard(checkpoint, output, experts=experts, ep_ranks=ep_ranks, progress=bar.update, **options)
+    _render_conversion(out, result)
+    if not out.as_json and not out.quiet:
+        for rank in result.details.get("ranks", []):
+            click.echo(f"  {rank['folder']}: experts {rank['experts'][0]}-{rank['experts'][1] - 1}")
     return EXIT_OK
 
 

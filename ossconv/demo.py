@@ -18,6 +18,7 @@ from ossconv import synthetic
 from ossconv.checkpoint import Checkpoint, open_checkpoint
 from ossconv.convert.layout import convert
 from ossconv.convert.precision import pack, unpack
+from ossconv.convert.reshard import merge, reshard
 from ossconv.formats import layouts, mxfp4
 from ossconv.inspection import inspect_checkpoint
 from ossconv.verify.lockstep import verify
@@ -136,6 +137,15 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
             return True, f"{b} vs {a}: embedding, {len(report.states) - 1} layers and logits bit-identical"
         return False, f"{b} vs {a}: differ from layer {report.first_divergent_layer}"
 
+    def do_ep(source: str, target: str, ranks: int) -> tuple[bool, str]:
+        result = reshard(path(source), path(target), ep_ranks=ranks, overwrite=True)
+        spans = ", ".join(f"{r['experts'][0]}-{r['experts'][1] - 1}" for r in result.details["ranks"])
+        return True, f"{ranks} rank folders, experts {spans}"
+
+    def do_merge(source: str, target: str) -> tuple[bool, str]:
+        result = merge(path(source), path(target), overwrite=True)
+        return True, f"{result.details['merged_ranks']} ranks checked against the manifest and merged"
+
     try:
         for layout in layouts.LAYOUTS:
             if not step(f"build synthetic ({layout})", build, layout):
@@ -156,6 +166,10 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
             step("round trip byte-identical", byte_identical, "openai-mxfp4", "chain-openai-mxfp4")
             for _, converted, _, _ in chain:
                 step(f"verify {converted}", do_verify, "openai-mxfp4", converted)
+        if step("reshard into 4 expert-parallel ranks", do_ep, "hf-mxfp4", "hf-ep4", 4):
+            step("verify the EP ranks", do_verify, "hf-mxfp4", "hf-ep4")
+            if step("merge the ranks", do_merge, "hf-ep4", "hf-merged"):
+                step("merge byte-identical", byte_identical, "hf-mxfp4", "hf-merged")
     finally:
         if out is None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ossconv.checkpoint import Checkpoint, open_checkpoint
+from ossconv.checkpoint import Checkpoint, format_ranges, open_checkpoint
 from ossconv.formats import layouts, mxfp4
 from ossconv.formats.layouts import MXFP4, SAFETENSORS_DTYPES
 
@@ -95,6 +95,10 @@ def find_problems(ckpt: Checkpoint) -> list[str]:
         elif spec.dtype != torch.uint8 and not info.dtype.is_floating_point:
             problems.append(f"{name} is {SAFETENSORS_DTYPES[info.dtype]}, expected a float dtype")
     problems += [f"unexpected tensor {name}" for name in ckpt.tensors if name not in expected]
+    for name in ckpt.pieces:
+        missing = ckpt.missing_experts(name)
+        if missing:
+            problems.append(f"{name} lacks experts {format_ranges(missing)} of {ckpt.info(name).shape[0]}")
     return problems
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,6 +50,7 @@ class ConversionResult:
     files: int
     bytes_written: int
     seconds: float
+    details: dict[str, object] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -127,77 +128,111 @@ def write_expert_weight(
 # ---------------------------------------------------------------------------------------------- planning
 
 
-def _whole_copy(target: str, info: TensorInfo) -> CopyJob:
-    return CopyJob(target, ((info, 0, info.nbytes, 0),))
+# A tensor's bytes as stored: (stored tensor, first byte there, first byte, stop byte in the tensor's bytes).
+ByteMap = list[tuple[TensorInfo, int, int, int]]
 
 
-def _dense_jobs(ckpt: Checkpoint, name: str, layout: str) -> list[tuple[TensorSpec, CopyJob]]:
-    """Specs and copy jobs for one canonical non-expert tensor, from the source layout to ``layout``.
+def _byte_map(ckpt: Checkpoint, names: list[str]) -> ByteMap:
+    """The bytes of the concatenation of ``names`` (a row split never reorders bytes), as stored."""
+    mapped, position = [], 0
+    for name in names:
+        for info, start, nbytes in ckpt.byte_pieces(name):
+            mapped.append((info, start, position, position + nbytes))
+            position += nbytes
+    return mapped
 
-    The canonical tensor's bytes are its source parts' bytes in order (a row split never reorders bytes),
-    so every target part is a set of byte ranges of source parts.
-    """
-    sources = [ckpt.info(part) for part, _, _ in layouts.layout_parts(ckpt.layout, name, ckpt.config)]
-    if len({info.dtype for info in sources}) > 1:
+
+def _copy_job(target: str, mapped: ByteMap, lo: int, hi: int) -> CopyJob:
+    """Bytes ``lo:hi`` of a mapped tensor, as the whole of output tensor ``target``."""
+    segments = tuple(
+        (info, start + max(lo, begin) - begin, min(hi, end) - max(lo, begin), max(lo, begin) - lo)
+        for info, start, begin, end in mapped
+        if begin < hi and end > lo
+    )
+    return CopyJob(target, segments)
+
+
+def _outputs(spec: TensorSpec, split: bool, experts: range | None) -> list[tuple[TensorSpec, int, int]]:
+    """The output tensor(s) for one logical tensor: itself, or one per expert (``split``), limited to
+    ``experts`` (an expert-parallel rank): (spec, first byte, stop byte) of the logical tensor."""
+    if not (split and layouts.is_expert_tensor(spec.name)):
+        return [(spec, 0, spec.nbytes)]
+    per_expert = spec.nbytes // spec.shape[0]
+    chosen = range(spec.shape[0]) if experts is None else experts
+    return [
+        (TensorSpec(layouts.split_name(spec.name, j), spec.shape[1:], spec.dtype), j * per_expert, (j + 1) * per_expert)
+        for j in chosen
+    ]
+
+
+def _dense_parts(ckpt: Checkpoint, name: str, layout: str) -> list[tuple[TensorSpec, ByteMap, int, int]]:
+    """One canonical non-expert tensor in ``layout``: each part's spec and its window of the canonical bytes."""
+    sources = [part for part, _, _ in layouts.layout_parts(ckpt.layout, name, ckpt.config)]
+    infos = [ckpt.info(part) for part in sources]
+    if len({info.dtype for info in infos}) > 1:
         raise CheckpointError(f"the parts of {name} have different dtypes", ckpt.path)
-    first = sources[0]
-    trailing = first.shape[1:]
+    first = infos[0]
     row_bytes = first.nbytes // first.shape[0] if first.shape else first.nbytes
-    ranges, position = [], 0
-    for info in sources:
-        ranges.append((info, position, position + info.nbytes))
-        position += info.nbytes
-    rows = position // row_bytes
-    jobs = []
+    mapped = _byte_map(ckpt, sources)
+    rows = mapped[-1][3] // row_bytes
+    parts = []
     for part, start, stop in layouts.layout_parts(layout, name, ckpt.config):
         stop = rows if stop is None else stop
-        lo, hi = start * row_bytes, stop * row_bytes
-        segments = tuple(
-            (info, max(lo, begin) - begin, min(hi, end) - max(lo, begin), max(lo, begin) - lo)
-            for info, begin, end in ranges
-            if begin < hi and end > lo
-        )
-        shape = (stop - start, *trailing) if first.shape else ()
-        jobs.append((TensorSpec(part, shape, first.dtype), CopyJob(part, segments)))
-    return jobs
+        shape = (stop - start, *first.shape[1:]) if first.shape else ()
+        parts.append((TensorSpec(part, shape, first.dtype), mapped, start * row_bytes, stop * row_bytes))
+    return parts
 
 
-def plan(ckpt: Checkpoint, layout: str, experts: str | torch.dtype) -> tuple[list[TensorSpec], list[object]]:
-    """The output's tensors in file order, and the jobs that produce them."""
+def plan(
+    ckpt: Checkpoint,
+    layout: str,
+    experts: str | torch.dtype,
+    *,
+    split: bool = False,
+    expert_range: range | None = None,
+) -> tuple[list[TensorSpec], list[object]]:
+    """The output's tensors in file order, and the jobs that produce them. ``split`` writes one tensor per
+    expert (``expert_range``: only those experts, for an expert-parallel rank); splitting copies bytes, so
+    it cannot be combined with a change of layout or precision."""
     problems = find_problems(ckpt)
     if problems:
         more = f" (and {len(problems) - 1} more problems; see ossconv inspect)" if len(problems) > 1 else ""
         raise CheckpointError(problems[0] + more, ckpt.path)
+    source_format = ckpt.expert_format
+    if split and (layout != ckpt.layout or experts != source_format):
+        raise ValueError("splitting experts keeps layout and precision")
     cfg = ckpt.config
     pairs = zip(layouts.expert_weights(ckpt.layout, cfg), layouts.expert_weights(layout, cfg), strict=True)
     by_canonical = {f"block.{s.layer}.mlp.{s.proj}_weight": (s, t) for s, t in pairs}
     specs: list[TensorSpec] = []
     jobs: list[object] = []
-    source_format = ckpt.expert_format
+
+    def copy(spec: TensorSpec, mapped: ByteMap, lo: int, hi: int) -> None:
+        for out_spec, begin, end in _outputs(spec, split, expert_range):
+            specs.append(out_spec)
+            jobs.append(_copy_job(out_spec.name, mapped, lo + begin, lo + end))
+
+    def copy_whole(target_spec: TensorSpec, source_name: str) -> None:
+        copy(target_spec, _byte_map(ckpt, [source_name]), 0, target_spec.nbytes)
+
     for canonical in layouts.canonical_specs(cfg, MXFP4):
         if canonical.name.endswith(".scales"):
             continue
         weight_name = canonical.name.removesuffix(".blocks")
         if weight_name not in by_canonical:
-            for spec, job in _dense_jobs(ckpt, canonical.name, layout):
-                specs.append(spec)
-                jobs.append(job)
+            for spec, mapped, lo, hi in _dense_parts(ckpt, canonical.name, layout):
+                copy(spec, mapped, lo, hi)
             continue
         source, target = by_canonical[weight_name]
-        if experts == MXFP4:
-            specs += list(target.packed_specs())
-            if source_format == MXFP4:  # the same bytes in both layouts
-                jobs += [
-                    _whole_copy(target.blocks, ckpt.info(source.blocks)),
-                    _whole_copy(target.scales, ckpt.info(source.scales)),
-                ]
-                continue
+        if experts == MXFP4 and source_format == MXFP4:  # the same bytes in both layouts
+            blocks_spec, scales_spec = target.packed_specs()
+            copy_whole(blocks_spec, source.blocks)
+            copy_whole(scales_spec, source.scales)
+        elif experts == source_format and source.transposed == target.transposed:
+            copy_whole(target.float_spec(experts), source.float_name)
         else:
-            specs.append(target.float_spec(experts))
-            if source_format == experts and source.transposed == target.transposed:
-                jobs.append(_whole_copy(target.float_name, ckpt.info(source.float_name)))
-                continue
-        jobs.append(ExpertJob(source, target))
+            specs += list(target.packed_specs()) if experts == MXFP4 else [target.float_spec(experts)]
+            jobs.append(ExpertJob(source, target))
     return specs, jobs
 
 
@@ -231,12 +266,15 @@ def rewrite(
     overwrite: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     progress: Callable[[int], None] | None = None,
+    split: bool = False,
+    expert_range: range | None = None,
 ) -> ConversionResult:
-    """Write ``ckpt`` to ``out`` in ``layout`` with expert weights in ``experts`` (``"mxfp4"`` or a dtype)."""
+    """Write ``ckpt`` to ``out`` in ``layout`` with expert weights in ``experts`` (``"mxfp4"`` or a dtype);
+    ``split``/``expert_range`` as in :func:`plan`."""
     started = time.perf_counter()
     out = Path(out)
     check_output_apart(ckpt.path, out)
-    specs, jobs = plan(ckpt, layout, experts)
+    specs, jobs = plan(ckpt, layout, experts, split=split, expert_range=expert_range)
     source_format = ckpt.expert_format
     slice_dtype = source_format if experts == MXFP4 else experts  # encode reads source floats as they are
     with CheckpointWriter(out, specs, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress) as writer:

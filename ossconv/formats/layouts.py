@@ -212,6 +212,44 @@ def layout_specs(
     return canonical_specs(cfg, experts, dtype) if layout == OPENAI else hf_specs(cfg, experts, dtype)
 
 
+# Fused expert tensors (first axis = expert) and their split form, one tensor per expert j:
+#   OpenAI  block.{n}.mlp.mlp1_weight.blocks          -> block.{n}.mlp.experts.{j}.mlp1_weight.blocks
+#   HF      model.layers.{n}.mlp.experts.down_proj_bias -> model.layers.{n}.mlp.experts.{j}.down_proj_bias
+_FUSED_EXPERT = re.compile(
+    r"(block\.\d+\.mlp\.)(mlp[12]_(?:weight(?:\.blocks|\.scales)?|bias))"
+    r"|(model\.layers\.\d+\.mlp\.experts\.)((?:gate_up|down)_proj(?:_blocks|_scales|_bias)?)"
+)
+_SPLIT_EXPERT = re.compile(
+    r"(block\.\d+\.mlp\.)experts\.(\d+)\.(mlp[12]_(?:weight(?:\.blocks|\.scales)?|bias))"
+    r"|(model\.layers\.\d+\.mlp\.experts\.)(\d+)\.((?:gate_up|down)_proj(?:_blocks|_scales|_bias)?)"
+)
+
+
+def is_expert_tensor(name: str) -> bool:
+    """True for fused per-expert tensors (weights in any precision and biases), both layouts."""
+    return _FUSED_EXPERT.fullmatch(name) is not None
+
+
+def split_name(fused: str, expert: int) -> str:
+    """The name of expert ``expert``'s slice of a fused expert tensor."""
+    match = _FUSED_EXPERT.fullmatch(fused)
+    if not match:
+        raise KeyError(fused)
+    if match.group(1):
+        return f"{match.group(1)}experts.{expert}.{match.group(2)}"
+    return f"{match.group(3)}{expert}.{match.group(4)}"
+
+
+def parse_split_name(name: str) -> tuple[str, int] | None:
+    """(fused name, expert) for a split expert tensor name, else None."""
+    match = _SPLIT_EXPERT.fullmatch(name)
+    if not match:
+        return None
+    if match.group(1):
+        return match.group(1) + match.group(3), int(match.group(2))
+    return match.group(4) + match.group(6), int(match.group(5))
+
+
 def detect_layout(names: list[str] | set[str]) -> str | None:
     """``openai``, ``hf`` or None, from tensor names alone."""
     if any(n.startswith("block.") for n in names) or "embedding.weight" in names:

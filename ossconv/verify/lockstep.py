@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ossconv.checkpoint import CONFIG_NAME, Checkpoint, open_checkpoint
+from ossconv.checkpoint import Checkpoint, open_checkpoint
 from ossconv.errors import OssconvError
 from ossconv.verify import model
 from ossconv.verify.compare import LogitMetrics, StateMetrics, logit_metrics, state_metrics
@@ -61,7 +61,7 @@ class VerifyReport:
 
 
 def identity(ckpt: Checkpoint) -> CheckpointIdentity:
-    digest = hashlib.sha256((ckpt.path / CONFIG_NAME).read_bytes()).hexdigest()
+    digest = hashlib.sha256(ckpt.config_file.read_bytes()).hexdigest()
     return CheckpointIdentity(str(ckpt.path), ckpt.layout, ckpt.precision, digest)
 
 
