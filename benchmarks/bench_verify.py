@@ -12,34 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from common import REAL_20B_LAYER, run_child
 
 from ossconv import convert, synthetic
 
-REAL_20B_LAYER = dict(
-    hidden_size=2880,
-    intermediate_size=2880,
-    num_experts=32,
-    experts_per_token=4,
-    num_attention_heads=64,
-    num_key_value_heads=8,
-    head_dim=64,
-    sliding_window=128,
-    vocab_size=4096,
-)
-
 
 def run(args: list[str]) -> tuple[float, int, dict]:
-    started = time.perf_counter()
-    child = subprocess.Popen(args, stdout=subprocess.PIPE)
-    output = child.stdout.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    return time.perf_counter() - started, usage.ru_maxrss * 1024, json.loads(output)
+    seconds, rss, output = run_child(args, capture=True)
+    return seconds, rss, json.loads(output or b"{}")
 
 
 def main() -> None:

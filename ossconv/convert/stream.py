@@ -268,9 +268,11 @@ def rewrite(
     progress: Callable[[int], None] | None = None,
     split: bool = False,
     expert_range: range | None = None,
+    gate: Callable[[], object] | None = None,
 ) -> ConversionResult:
     """Write ``ckpt`` to ``out`` in ``layout`` with expert weights in ``experts`` (``"mxfp4"`` or a dtype);
-    ``split``/``expert_range`` as in :func:`plan`."""
+    ``split``/``expert_range`` as in :func:`plan`. ``gate`` runs before the output is moved into place; if it
+    raises, nothing is left behind (merge checks its input this way while it copies)."""
     started = time.perf_counter()
     out = Path(out)
     check_output_apart(ckpt.path, out)
@@ -286,6 +288,8 @@ def rewrite(
                 source_file = ckpt.info(job.source.blocks if source_format == MXFP4 else job.source.float_name).file
                 slices = expert_float_slices(ckpt, job.source, slice_dtype)
                 write_expert_weight(writer, job.target, experts, slices, rule=rule, source_file=source_file)
+        if gate is not None:
+            gate()
         writer.finish(config_files(ckpt, layout, experts, specs), ckpt.side_files)
     written = sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".safetensors")
     return ConversionResult(
