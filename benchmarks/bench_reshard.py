@@ -55,36 +55,6 @@ def main() -> None:
             f"({work_rate / cp_rate:.2f}x without start-up; target >= 0.7x)  peak RSS {rss / 1e9:.2f} GB"
         )
     shutil.rmtree(args.workdir, ignore_errors=True)
-    args.workdir.mkdir(parents=True)
-    source = synthetic.build(
-        args.workdir / "src", synthetic.tiny_config(num_hidden_layers=args.layers, **REAL_20B_LAYER)
-    )
-    run_child(["cat", *map(str, source.iterdir())])  # warm the page cache for both
-    cp_seconds, _, _ = run_child(["cp", "-r", str(source), str(args.workdir / "cp")])
-    startup, _, _ = run_child([sys.executable, "-c", "import ossconv.cli, ossconv.convert.reshard"])
-    ossconv = [sys.executable, "-m", "ossconv", "reshard"]
-    ep_seconds, ep_rss, _ = run_child(
-        [*ossconv, str(source), str(args.workdir / "ep"), "--ep-ranks", str(args.ranks), "-q"]
-    )
-    merge_seconds, merge_rss, _ = run_child(
-        [*ossconv, "--merge", str(args.workdir / "ep"), str(args.workdir / "m"), "-q"]
-    )
-    size, ep_size = folder_bytes(source), folder_bytes(args.workdir / "ep")
-    cp_rate = size / cp_seconds
-    print(
-        f"{args.layers} layers of gpt-oss-20b shape, {size / 1e9:.2f} GB -> {args.ranks} ranks, {ep_size / 1e9:.2f} GB"
-    )
-    print(f"  cp -r (anchor)     {cp_seconds:6.2f} s  {cp_rate / 1e9:5.2f} GB/s; interpreter start-up {startup:.2f} s")
-    for label, seconds, rss, written in (
-        ("reshard --ep-ranks", ep_seconds, ep_rss, ep_size),
-        ("reshard --merge", merge_seconds, merge_rss, size),
-    ):
-        rate = written / seconds
-        print(
-            f"  {label:18s} {seconds:6.2f} s  {rate / 1e9:5.2f} GB/s = {rate / cp_rate:.2f}x cp (target >= 0.7x)  "
-            f"peak RSS {rss / 1e9:.2f} GB"
-        )
-    shutil.rmtree(args.workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
