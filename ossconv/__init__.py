@@ -13,10 +13,12 @@ __version__ = "0.1.0"
 from ossconv.checkpoint import Checkpoint, CheckpointWriter, open_checkpoint  # noqa: E402
 from ossconv.convert.layout import convert  # noqa: E402
 from ossconv.convert.precision import pack, unpack  # noqa: E402
+from ossconv.convert.reshard import merge, reshard  # noqa: E402
 from ossconv.convert.stream import ConversionResult  # noqa: E402
 from ossconv.errors import CheckpointError, OssconvError  # noqa: E402
 from ossconv.formats.config import ModelConfig  # noqa: E402
 from ossconv.formats.mxfp4 import decode, encode  # noqa: E402
+from ossconv.hub import download  # noqa: E402
 from ossconv.inspection import InspectReport, inspect_checkpoint  # noqa: E402
 from ossconv.verify.lockstep import VerifyReport, verify  # noqa: E402
 
@@ -30,6 +32,9 @@ __all__ = [
     "convert",
     "OssconvError",
     "decode",
+    "download",
+    "merge",
+    "reshard",
     "encode",
     "inspect_checkpoint",
     "open_checkpoint",

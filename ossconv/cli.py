@@ -101,6 +101,7 @@ def cli() -> None:
     \b
     Examples:
       ossconv demo
+      ossconv download openai/gpt-oss-20b --layout openai
       ossconv inspect gpt-oss-20b/original
       ossconv unpack gpt-oss-20b/original gpt-oss-20b-bf16 --dtype bf16
       ossconv pack gpt-oss-20b-bf16 gpt-oss-20b-mxfp4 --rule up
@@ -109,6 +110,55 @@ def cli() -> None:
       ossconv reshard gpt-oss-120b/original gpt-oss-120b-ep4 --ep-ranks 4
       ossconv convert gpt-oss-20b/original gpt-oss-20b-hf --to hf --dtype bf16
     """
+
+
+@cli.command()
+@click.argument("repo")
+@click.option(
+    "--layout",
+    type=click.Choice(["openai", "hf", "metal", "all"]),
+    default="hf",
+    show_default=True,
+    help="openai: original/ (OpenAI's layout); hf: the transformers layout at the root (weights, index, "
+    "config, tokenizer); metal: metal/; all: everything.",
+)
+@click.option("--revision", default=None, help="Branch, tag or commit (default: main).")
+@click.option("--out", "folder", type=click.Path(), default=None, help="Folder to fill (default: the repo's name).")
+@click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login).")
+@output_options
+def download(repo: str, layout: str, revision: str | None, folder: str | None, token: str | None, out: Output) -> int:
+    """Fetch one layout of REPO from the Hugging Face Hub, resumable, every file SHA-256 checked.
+
+    \b
+    A run that was killed continues from the bytes on disk; a second run skips files it verified before
+    unless their size or modification time changed. Honours HF_ENDPOINT, HF_TOKEN and HF_HUB_OFFLINE.
+
+    \b
+    Examples:
+      ossconv download openai/gpt-oss-20b --layout openai --out gpt-oss-20b
+      ossconv download openai/gpt-oss-120b --layout hf --revision main
+    """
+    from ossconv.hub import download as run
+
+    with out.progress(0, "download") as bar:
+
+        def advance(count: int) -> None:
+            bar.update(count)
+
+        result = run(repo, layout=layout, revision=revision, out=folder, token=token, progress=advance)
+
+    def render() -> None:
+        fetched = sum(1 for f in result.files if f.action == "downloaded")
+        click.echo(
+            f"{result.repo}@{result.commit[:12]} ({result.layout}): {len(result.files)} files in "
+            f"{result.folder}, {fetched} downloaded ({result.bytes_downloaded / 1e9:.3f} GB), "
+            f"{len(result.files) - fetched} already verified, every sha256 checked, {result.seconds:.1f} s"
+        )
+        for step in result.next_steps:
+            click.echo(f"  next: {step}")
+
+    out.result(result.to_dict(), render)
+    return EXIT_OK
 
 
 @cli.command()

@@ -1,0 +1,307 @@
+"""download: one layout of a gpt-oss repository from the Hugging Face Hub, resumable and SHA-256 checked.
+
+What huggingface_hub does for us (and we rely on): the endpoint, token and revision handling
+(``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``), the file listing with each LFS file's sha256
+(``HfApi.model_info(files_metadata=True)``), and the transfer itself: ``hf_hub_download(local_dir=...)``
+writes into ``<out>/.cache/huggingface/download/<file>.<etag>.incomplete`` and, when that file exists from a
+killed run, continues with an HTTP ``Range`` request from the bytes already there; it also retries a
+dropped connection from where it stopped.
+
+What it does not do, and we add: huggingface_hub checks only a file's size. We hash every file after it
+arrives and compare with the Hub's sha256 (LFS files) or git blob id (small files); a mismatch deletes the
+file, downloads it once more, and then fails naming the file. Each verified file is recorded with its size
+and mtime in ``<out>/.cache/ossconv/verified.json``: a second run skips it without hashing, unless its size
+or mtime changed, in which case it is hashed again (and fetched again if it no longer matches).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ossconv.errors import OssconvError
+
+LAYOUT_CHOICES = ("openai", "hf", "metal", "all")
+RECORD = Path(".cache") / "ossconv" / "verified.json"
+HF_DOWNLOAD_CACHE = Path(".cache") / "huggingface" / "download"
+# Files of the Hugging Face layout at the repository root besides the weights.
+HF_ROOT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "chat_template*",
+    "*.safetensors",
+)
+HASH_CHUNK = 16 << 20
+
+
+def wanted(path: str, layout: str) -> bool:
+    """Whether a repository file belongs to ``layout``."""
+    if layout == "all":
+        return True
+    if layout in ("openai", "metal"):
+        return path.startswith("original/" if layout == "openai" else "metal/")
+    return "/" not in path and any(fnmatch.fnmatch(path, pattern) for pattern in HF_ROOT_FILES)
+
+
+@dataclass
+class RemoteFile:
+    path: str
+    size: int
+    sha256: str | None  # LFS files
+    blob_id: str | None  # git blob id (sha1 of "blob <size>\0" + content) for the others
+
+
+@dataclass
+class FetchedFile:
+    path: str
+    size: int
+    sha256: str
+    action: str  # "downloaded", "verified on disk" (hashed, matched), "unchanged" (recorded, not re-hashed)
+
+
+@dataclass
+class DownloadResult:
+    repo: str
+    revision: str
+    commit: str
+    layout: str
+    folder: str
+    files: list[FetchedFile] = field(default_factory=list)
+    bytes_downloaded: int = 0
+    seconds: float = 0.0
+    next_steps: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def file_digests(path: Path) -> tuple[str, str]:
+    """(sha256, git blob id) of a file, in one pass."""
+    sha256, blob = hashlib.sha256(), hashlib.sha1()
+    blob.update(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            sha256.update(chunk)
+            blob.update(chunk)
+    return sha256.hexdigest(), blob.hexdigest()
+
+
+def _matches(remote: RemoteFile, path: Path) -> tuple[bool, str]:
+    if not path.is_file() or path.stat().st_size != remote.size:
+        return False, ""
+    sha256, blob_id = file_digests(path)
+    if remote.sha256:
+        return sha256 == remote.sha256, sha256
+    return remote.blob_id is None or blob_id == remote.blob_id, sha256
+
+
+def _safe_target(out: Path, repo_path: str) -> Path:
+    parts = PurePosixPath(repo_path).parts
+    if PurePosixPath(repo_path).is_absolute() or ".." in parts or not parts:
+        raise OssconvError(f"the repository lists a file outside its folder: {repo_path!r}")
+    return out.joinpath(*parts)
+
+
+class _Record:
+    """What a previous run verified: path -> {sha256, size, mtime_ns, commit}."""
+
+    def __init__(self, out: Path):
+        self.path = out / RECORD
+        try:
+            self.entries: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def unchanged(self, remote: RemoteFile, target: Path) -> bool:
+        entry = self.entries.get(remote.path)
+        if not entry or not target.is_file():
+            return False
+        stat = target.stat()
+        expected = remote.sha256 or remote.blob_id
+        return (entry.get("size"), entry.get("mtime_ns"), entry.get("expected")) == (
+            stat.st_size,
+            stat.st_mtime_ns,
+            expected,
+        )
+
+    def remember(self, remote: RemoteFile, target: Path, sha256: str) -> None:
+        stat = target.stat()
+        self.entries[remote.path] = {
+            "sha256": sha256,
+            "expected": remote.sha256 or remote.blob_id,
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temp = self.path.with_suffix(".tmp")
+        temp.write_text(json.dumps(self.entries, indent=1))
+        os.replace(temp, self.path)
+
+
+def _hub_error(error: Exception, repo: str, revision: str | None, endpoint: str) -> OssconvError:
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if isinstance(error, GatedRepoError):
+        return OssconvError(f"repository {repo} is gated: accept its terms on the Hub and pass --token")
+    if isinstance(error, RepositoryNotFoundError):
+        return OssconvError(f"repository {repo} not found on {endpoint} (private? pass --token)")
+    if isinstance(error, RevisionNotFoundError):
+        return OssconvError(f"revision {revision!r} not found in {repo}")
+    if isinstance(error, LocalEntryNotFoundError):
+        return OssconvError(f"cannot reach {endpoint} and the files are not on disk ({error})")
+    if isinstance(error, HfHubHTTPError):
+        return OssconvError(f"the Hub answered an error for {repo}: {str(error).splitlines()[0]}")
+    return OssconvError(f"cannot reach {endpoint}: {type(error).__name__}: {str(error).splitlines()[0]}")
+
+
+def _list_files(api: Any, repo: str, revision: str | None) -> tuple[str, list[RemoteFile]]:
+    info = api.model_info(repo, revision=revision, files_metadata=True)
+    files = []
+    for sibling in info.siblings or []:
+        lfs = sibling.lfs
+        files.append(
+            RemoteFile(
+                sibling.rfilename,
+                int(lfs.size if lfs else sibling.size or 0),
+                lfs.sha256 if lfs else None,
+                None if lfs else sibling.blob_id,
+            )
+        )
+    return info.sha, files
+
+
+def download(
+    repo: str,
+    *,
+    layout: str = "hf",
+    revision: str | None = None,
+    out: str | Path | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> DownloadResult:
+    """Fetch the files of ``layout`` (``openai``: ``original/``; ``hf``: root weights, index, config and
+    tokenizer files; ``metal``: ``metal/``; ``all``) into ``out`` (default: the repository's name).
+
+    Example:
+        >>> download("openai/gpt-oss-20b", layout="openai", out="gpt-oss-20b")  # doctest: +SKIP
+    """
+    from huggingface_hub import HfApi, constants, hf_hub_download
+
+    if layout not in LAYOUT_CHOICES:
+        raise OssconvError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUT_CHOICES)}")
+    started = time.perf_counter()
+    endpoint = endpoint or constants.ENDPOINT
+    folder = Path(out) if out else Path(repo.rstrip("/").split("/")[-1])
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        commit, remote_files = _list_files(api, repo, revision)
+    except Exception as error:  # every hub or network failure is bad input for the user, never a bug
+        raise _hub_error(error, repo, revision, endpoint) from None
+    selected = [f for f in remote_files if wanted(f.path, layout)]
+    if not selected:
+        raise OssconvError(f"{repo} has no files for layout {layout!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    record = _Record(folder)
+    result = DownloadResult(repo, revision or "main", commit, layout, str(folder))
+    tqdm_class = _forwarding_tqdm(progress)
+    for remote in selected:
+        target = _safe_target(folder, remote.path)
+        if record.unchanged(remote, target):
+            result.files.append(
+                FetchedFile(remote.path, remote.size, record.entries[remote.path]["sha256"], "unchanged")
+            )
+            if progress:
+                progress(remote.size)
+            continue
+        ok, sha256 = _matches(remote, target)
+        action = "verified on disk"
+        for attempt in range(2):
+            if ok:
+                break
+            _discard(folder, remote.path, target)
+            try:
+                hf_hub_download(
+                    repo,
+                    remote.path,
+                    revision=commit,
+                    local_dir=folder,
+                    token=token,
+                    endpoint=endpoint,
+                    tqdm_class=tqdm_class,
+                    force_download=attempt > 0,
+                )
+            except Exception as error:
+                raise _hub_error(error, repo, revision, endpoint) from None
+            result.bytes_downloaded += remote.size
+            action = "downloaded"
+            ok, sha256 = _matches(remote, target)
+        if not ok:
+            _discard(folder, remote.path, target)
+            expected = remote.sha256 or f"git blob {remote.blob_id}"
+            raise OssconvError(
+                f"content does not match the Hub's checksum {expected} after a second download; file removed",
+                target,
+            )
+        record.remember(remote, target, sha256)
+        result.files.append(FetchedFile(remote.path, remote.size, sha256, action))
+    _remove_orphans(folder)
+    result.seconds = time.perf_counter() - started
+    result.next_steps = _next_steps(folder, layout)
+    return result
+
+
+def _discard(folder: Path, repo_path: str, target: Path) -> None:
+    """Remove a file and huggingface_hub's note that it is complete (so it is fetched, not trusted)."""
+    target.unlink(missing_ok=True)
+    (folder / HF_DOWNLOAD_CACHE / f"{repo_path}.metadata").unlink(missing_ok=True)
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Partial files of a killed run whose file has since completed (or left the listing)."""
+    cache = folder / HF_DOWNLOAD_CACHE
+    if cache.is_dir():
+        for partial in cache.rglob("*.incomplete"):
+            partial.unlink(missing_ok=True)
+
+
+def _next_steps(folder: Path, layout: str) -> list[str]:
+    steps = []
+    if layout in ("openai", "all") and (folder / "original").is_dir():
+        steps += [f"ossconv inspect {folder / 'original'}", f"ossconv convert {folder / 'original'} OUT --to hf"]
+    if layout in ("hf", "all") and any(folder.glob("*.safetensors")):
+        steps += [f"ossconv inspect {folder}", f"ossconv convert {folder} OUT --to openai"]
+    return steps
+
+
+def _forwarding_tqdm(progress: Callable[[int], None] | None) -> type:
+    """A silent tqdm for huggingface_hub whose byte updates feed our one progress bar."""
+    from tqdm.auto import tqdm
+
+    class Forwarding(tqdm):
+        def __init__(self, *args: Any, **kwargs: Any):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            if progress and n:
+                progress(int(n))
+            return super().update(n)
+
+    return Forwarding
