@@ -84,6 +84,18 @@ def _render_conversion(out: Output, result: Any) -> None:
     )
 
 
+def _write(
+    out: Output, label: str, run: Callable, checkpoint: str, *args: Any, max_shard_size: str, **kwargs: Any
+) -> int:
+    """Run a command that writes a checkpoint, with a byte progress bar, and print its result."""
+    from ossconv.checkpoint import parse_size
+
+    with out.progress(_source_bytes(checkpoint), label) as bar:
+        result = run(checkpoint, *args, max_shard_size=parse_size(max_shard_size), progress=bar.update, **kwargs)
+    _render_conversion(out, result)
+    return EXIT_OK
+
+
 def _source_bytes(path: str) -> int:
     from ossconv.checkpoint import open_checkpoint
 
@@ -244,20 +256,9 @@ def unpack(checkpoint: str, output: str, dtype: str, overwrite: bool, max_shard_
 
     In the Hugging Face layout float experts are stored transposed ([E, in, out]), as transformers expects.
     """
-    from ossconv.checkpoint import parse_size
     from ossconv.convert.precision import unpack as run
 
-    with out.progress(_source_bytes(checkpoint), "unpack") as bar:
-        result = run(
-            checkpoint,
-            output,
-            dtype,
-            overwrite=overwrite,
-            max_shard_size=parse_size(max_shard_size),
-            progress=bar.update,
-        )
-    _render_conversion(out, result)
-    return EXIT_OK
+    return _write(out, "unpack", run, checkpoint, output, dtype, overwrite=overwrite, max_shard_size=max_shard_size)
 
 
 @cli.command()
@@ -278,20 +279,9 @@ def pack(checkpoint: str, output: str, rule: str, overwrite: bool, max_shard_siz
 
     NaN or Inf in an expert weight is an error naming the tensor and expert.
     """
-    from ossconv.checkpoint import parse_size
     from ossconv.convert.precision import pack as run
 
-    with out.progress(_source_bytes(checkpoint), "pack") as bar:
-        result = run(
-            checkpoint,
-            output,
-            rule,
-            overwrite=overwrite,
-            max_shard_size=parse_size(max_shard_size),
-            progress=bar.update,
-        )
-    _render_conversion(out, result)
-    return EXIT_OK
+    return _write(out, "pack", run, checkpoint, output, rule, overwrite=overwrite, max_shard_size=max_shard_size)
 
 
 @cli.command()
@@ -342,22 +332,11 @@ def convert(
       ossconv convert gpt-oss-20b/original gpt-oss-20b-hf --to hf
       ossconv convert finetuned-hf-bf16 finetuned-original --to openai --dtype mxfp4
     """
-    from ossconv.checkpoint import parse_size
     from ossconv.convert.layout import convert as run
 
-    with out.progress(_source_bytes(checkpoint), "convert") as bar:
-        result = run(
-            checkpoint,
-            output,
-            layout,
-            dtype,
-            rule,
-            overwrite=overwrite,
-            max_shard_size=parse_size(max_shard_size),
-            progress=bar.update,
-        )
-    _render_conversion(out, result)
-    return EXIT_OK
+    return _write(
+        out, "convert", run, checkpoint, output, layout, dtype, rule, overwrite=overwrite, max_shard_size=max_shard_size
+    )
 
 
 @cli.command()

@@ -13,6 +13,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import WIDER, assert_byte_identical
 
 from ossconv import convert, synthetic
 from ossconv.checkpoint import open_checkpoint
@@ -23,23 +24,8 @@ LOGIT_ATOL = 1e-3
 SHAPES = {
     "tiny": synthetic.TINY,
     # 8 experts top-4, 3 query heads per KV head, window 4: down_proj [E, 96, 64] vs gate_up [E, 128, 96]
-    "wider": synthetic.tiny_config(
-        num_hidden_layers=3,
-        num_experts=8,
-        experts_per_token=4,
-        hidden_size=96,
-        intermediate_size=64,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=16,
-        sliding_window=4,
-        vocab_size=300,
-    ),
+    "wider": WIDER,
 }
-
-
-def raw(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
 def openai_logits(folder) -> torch.Tensor:
@@ -63,14 +49,6 @@ def assert_same_logits(a: torch.Tensor, b: torch.Tensor) -> None:
     error = (a - b).abs().max().item()
     assert error < LOGIT_ATOL, f"max |logit difference| {error}"
     assert torch.equal(a.argmax(-1), b.argmax(-1))
-
-
-def assert_byte_identical(a_path, b_path) -> None:
-    a, b = open_checkpoint(a_path), open_checkpoint(b_path)
-    assert list(a.tensors) == list(b.tensors)
-    for name in a.tensors:
-        assert a.info(name).dtype == b.info(name).dtype and a.info(name).shape == b.info(name).shape, name
-        assert raw(a.get(name)) == raw(b.get(name)), name
 
 
 @pytest.fixture(scope="module", params=list(SHAPES))

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import raw
 
 from ossconv import pack, unpack
 from ossconv.checkpoint import open_checkpoint
@@ -14,10 +15,6 @@ from ossconv.errors import CheckpointError, OssconvError
 from ossconv.formats import layouts
 
 TOKENS = torch.tensor([3, 17, 200, 5, 9, 31, 64, 1, 2, 250, 128, 77, 6, 42, 99, 11, 13, 180])  # > sliding window
-
-
-def raw(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 
 
 def assert_same_non_expert_bytes(a, b):

@@ -7,22 +7,11 @@ import struct
 
 import pytest
 import torch
+from helpers import assert_byte_identical
 
 from ossconv.checkpoint import open_checkpoint
 from ossconv.convert.reshard import merge, reshard
 from ossconv.formats import layouts
-
-
-def raw(tensor: torch.Tensor) -> bytes:
-    return tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-
-
-def assert_byte_identical(a_path, b_path) -> None:
-    a, b = open_checkpoint(a_path), open_checkpoint(b_path)
-    assert list(a.tensors) == list(b.tensors)
-    for name in a.tensors:
-        assert a.info(name).dtype == b.info(name).dtype and a.info(name).shape == b.info(name).shape, name
-        assert raw(a.get(name)) == raw(b.get(name)), name
 
 
 def header_names(path) -> list[str]:

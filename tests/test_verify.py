@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import TOKENS, WIDER
 from safetensors.torch import load_file, save_file
 
 from ossconv import convert, synthetic
@@ -13,20 +14,6 @@ from ossconv.checkpoint import open_checkpoint
 from ossconv.verify import model
 from ossconv.verify.lockstep import verify
 
-TOKENS = [3, 17, 200, 5, 9, 31, 64, 1, 2, 250, 128, 77, 6, 42, 99, 11, 13, 180, 7, 3]  # > sliding window 4 and 8
-# 3 layers so a bug planted in layer 1 must leave layer 0 alone; 8 experts top-4; GQA 3:1.
-WIDER = synthetic.tiny_config(
-    num_hidden_layers=3,
-    num_experts=8,
-    experts_per_token=4,
-    hidden_size=96,
-    intermediate_size=64,
-    num_attention_heads=6,
-    num_key_value_heads=2,
-    head_dim=16,
-    sliding_window=4,
-    vocab_size=300,
-)
 SQUARE = synthetic.tiny_config(num_hidden_layers=3, hidden_size=64, intermediate_size=64)  # down_proj is square
 
 

@@ -80,6 +80,11 @@ def _result(
     )
 
 
+def _copy(ckpt: Checkpoint, out: Path | str, command: str, **options: object) -> ConversionResult:
+    """Rewrite keeping layout and precision: every job is a byte copy."""
+    return rewrite(ckpt, out, command=command, layout=ckpt.layout, experts=ckpt.expert_format, **options)
+
+
 def reshard(
     src: str | Path,
     out: str | Path,
@@ -104,16 +109,8 @@ def reshard(
     if ep_ranks is not None:
         return _expert_parallel(ckpt, out, ep_ranks, max_shard_size, overwrite, progress, started)
     split = bool(ckpt.pieces) if experts is None else experts == "split"
-    result = rewrite(
-        ckpt,
-        out,
-        command="reshard",
-        layout=ckpt.layout,
-        experts=ckpt.expert_format,
-        split=split,
-        max_shard_size=max_shard_size,
-        overwrite=overwrite,
-        progress=progress,
+    result = _copy(
+        ckpt, out, "reshard", split=split, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress
     )
     result.details = {"experts": "split" if split else "fused"}
     return result
@@ -145,12 +142,10 @@ def _expert_parallel(
             for rank in range(ranks):
                 folder = temp / rank_folder_name(rank, ranks)
                 experts = range(rank * per_rank, (rank + 1) * per_rank)
-                result = rewrite(
+                result = _copy(
                     ckpt,
                     folder,
-                    command="reshard",
-                    layout=ckpt.layout,
-                    experts=ckpt.expert_format,
+                    "reshard",
                     split=True,
                     expert_range=experts,
                     max_shard_size=max_shard_size,
@@ -296,12 +291,10 @@ def merge(
     with ThreadPoolExecutor(1) as pool:  # check the ranks while copying; nothing lands unless they pass
         check = pool.submit(check_expert_parallel, folder)
         try:
-            result = rewrite(
+            result = _copy(
                 ckpt,
                 out,
-                command="merge",
-                layout=ckpt.layout,
-                experts=ckpt.expert_format,
+                "merge",
                 max_shard_size=max_shard_size,
                 overwrite=overwrite,
                 progress=progress,
