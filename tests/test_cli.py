@@ -116,13 +116,23 @@ def _outside_index(folder):
     return "outside the checkpoint folder"
 
 
+COMMANDS = {
+    "inspect": lambda bad, good, out: ["inspect", bad],
+    "unpack": lambda bad, good, out: ["unpack", bad, out],
+    "pack": lambda bad, good, out: ["pack", bad, out],
+    "convert": lambda bad, good, out: ["convert", bad, out, "--to", "hf"],
+    "reshard": lambda bad, good, out: ["reshard", bad, out, "--experts", "split"],
+    "verify": lambda bad, good, out: ["verify", good, bad],
+}
+
+
 @pytest.mark.parametrize("damage", [_truncated, _lying_header, _pickle, _empty, _outside_index])
-@pytest.mark.parametrize("command", ["inspect", "unpack", "pack"])
+@pytest.mark.parametrize("command", list(COMMANDS))
 def test_bad_input_is_one_line_exit_2_and_no_output(run_cli, checkpoints, copy_of, tmp_path, damage, command):
-    folder = copy_of(checkpoints["openai-mxfp4" if command != "pack" else "openai-bf16"], "bad")
+    source = "openai-bf16" if command == "pack" else "openai-mxfp4"
+    folder = copy_of(checkpoints[source], "bad")
     fragment = damage(folder)
-    args = [command, folder] + ([] if command == "inspect" else [tmp_path / "out"])
-    one_error_line(run_cli(*args), str(folder), fragment)
+    one_error_line(run_cli(*COMMANDS[command](folder, checkpoints[source], tmp_path / "out")), str(folder), fragment)
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
 
