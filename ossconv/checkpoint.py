@@ -494,6 +494,8 @@ class CheckpointWriter:
                     raise ValueError(f"tensor {spec.name} planned twice")
                 self.slots[spec.name] = _Slot(spec, shard, len(header) + offsets[spec.name])
         self.fds: dict[int, int] = {}
+        if hasattr(progress, "add_total"):  # a progress bar that can show how much is planned
+            progress.add_total(sum(spec.nbytes for spec in specs))
 
     def __enter__(self) -> CheckpointWriter:
         return self

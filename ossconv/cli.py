@@ -42,12 +42,32 @@ class Output:
         elif not self.quiet:
             render()
 
-    def progress(self, total: int, description: str) -> tqdm:
+    def progress(self, description: str) -> ByteProgress:
         """A byte progress bar on stderr, shown only on a terminal and never with --json or --quiet."""
         disable = self.as_json or self.quiet or not sys.stderr.isatty()
-        return tqdm(
-            total=total, desc=description, unit="B", unit_scale=True, disable=disable, file=sys.stderr, leave=False
+        return ByteProgress(
+            tqdm(total=0, desc=description, unit="B", unit_scale=True, disable=disable, file=sys.stderr, leave=False)
         )
+
+
+class ByteProgress:
+    """The library's progress callback: called with bytes done; ``add_total`` announces bytes planned."""
+
+    def __init__(self, bar: tqdm):
+        self.bar = bar
+
+    def __call__(self, count: int) -> None:
+        self.bar.update(count)
+
+    def add_total(self, count: int) -> None:
+        self.bar.total = (self.bar.total or 0) + count
+        self.bar.refresh()
+
+    def __enter__(self) -> ByteProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
 
 
 def output_options(function: Callable) -> Callable:
@@ -90,16 +110,10 @@ def _write(
     """Run a command that writes a checkpoint, with a byte progress bar, and print its result."""
     from ossconv.checkpoint import parse_size
 
-    with out.progress(_source_bytes(checkpoint), label) as bar:
-        result = run(checkpoint, *args, max_shard_size=parse_size(max_shard_size), progress=bar.update, **kwargs)
+    with out.progress(label) as progress:
+        result = run(checkpoint, *args, max_shard_size=parse_size(max_shard_size), progress=progress, **kwargs)
     _render_conversion(out, result)
     return EXIT_OK
-
-
-def _source_bytes(path: str) -> int:
-    from ossconv.checkpoint import open_checkpoint
-
-    return open_checkpoint(path).total_bytes
 
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -152,12 +166,8 @@ def download(repo: str, layout: str, revision: str | None, folder: str | None, t
     """
     from ossconv.hub import download as run
 
-    with out.progress(0, "download") as bar:
-
-        def advance(count: int) -> None:
-            bar.update(count)
-
-        result = run(repo, layout=layout, revision=revision, out=folder, token=token, progress=advance)
+    with out.progress("download") as progress:
+        result = run(repo, layout=layout, revision=revision, out=folder, token=token, progress=progress)
 
     def render() -> None:
         fetched = sum(1 for f in result.files if f.action == "downloaded")
@@ -391,12 +401,11 @@ def reshard(
     if ep_ranks is not None and experts == "fused":
         raise click.UsageError("Expert-parallel ranks hold split experts; drop --experts fused.")
     options = dict(overwrite=overwrite, max_shard_size=parse_size(max_shard_size))
-    size = _source_bytes(checkpoint)
-    with out.progress(size if merge_ranks else size * (ep_ranks or 1), "reshard") as bar:
+    with out.progress("reshard") as progress:
         if merge_ranks:
-            result = run.merge(checkpoint, output, progress=bar.update, **options)
+            result = run.merge(checkpoint, output, progress=progress, **options)
         else:
-            result = run.reshard(checkpoint, output, experts=experts, ep_ranks=ep_ranks, progress=bar.update, **options)
+            result = run.reshard(checkpoint, output, experts=experts, ep_ranks=ep_ranks, progress=progress, **options)
     _render_conversion(out, result)
     if not out.as_json and not out.quiet:
         for rank in result.details.get("ranks", []):

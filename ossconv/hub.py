@@ -221,6 +221,8 @@ def download(
     record = _Record(folder)
     result = DownloadResult(repo, revision or "main", commit, layout, str(folder))
     tqdm_class = _forwarding_tqdm(progress)
+    if hasattr(progress, "add_total"):
+        progress.add_total(sum(f.size for f in selected))
     for remote in selected:
         target = _safe_target(folder, remote.path)
         if record.unchanged(remote, target):
