@@ -1,17 +1,23 @@
 """download: one layout of a gpt-oss repository from the Hugging Face Hub, resumable and SHA-256 checked.
 
-What huggingface_hub does for us (and we rely on): the endpoint, token and revision handling
-(``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``), the file listing with each LFS file's sha256
-(``HfApi.model_info(files_metadata=True)``), and the transfer itself: ``hf_hub_download(local_dir=...)``
-writes into ``<out>/.cache/huggingface/download/<file>.<etag>.incomplete`` and, when that file exists from a
-killed run, continues with an HTTP ``Range`` request from the bytes already there; it also retries a
-dropped connection from where it stopped.
+What huggingface_hub does for us (and we rely on, checked against 2.4.0): the endpoint, token and revision
+handling (``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``), the file listing with each LFS file's sha256
+(``HfApi.model_info(files_metadata=True)``), the per-file metadata and CDN location
+(``get_hf_file_metadata``), and the transfer (``http_get``, its HTTP session and headers): ``http_get``
+sends ``Range: bytes=N-`` when asked to resume at N and, within one call, retries a dropped connection from
+the bytes it has written.
 
-What it does not do, and we add: huggingface_hub checks only a file's size. We hash every file after it
-arrives and compare with the Hub's sha256 (LFS files) or git blob id (small files); a mismatch deletes the
-file, downloads it once more, and then fails naming the file. Each verified file is recorded with its size
-and mtime in ``<out>/.cache/ossconv/verified.json``: a second run skips it without hashing, unless its size
-or mtime changed, in which case it is hashed again (and fetched again if it no longer matches).
+What it does not do, and we add:
+- Resuming across runs. ``hf_hub_download`` names its partial file with a fresh random suffix each call,
+  so a killed run's bytes are orphaned and the next run starts from byte 0. We keep our own partial file,
+  ``<out>/.cache/ossconv/partial/<path>.<sha256 prefix>.part``, and hand its size to ``http_get`` as the
+  resume point. Partial files of files that have since completed or left the listing are removed.
+- Checking content. huggingface_hub checks only a file's size. We hash every file before it is moved into
+  place and compare with the Hub's sha256 (LFS files) or git blob id (small files); a mismatch deletes the
+  bytes, downloads once more from scratch, and then fails naming the file.
+- Not redoing work. Each verified file is recorded with its size and mtime in
+  ``<out>/.cache/ossconv/verified.json``: a second run skips it without hashing, unless its size or mtime
+  changed, in which case it is hashed again (and fetched again if it no longer matches).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from ossconv.errors import OssconvError
 
 LAYOUT_CHOICES = ("openai", "hf", "metal", "all")
 RECORD = Path(".cache") / "ossconv" / "verified.json"
-HF_DOWNLOAD_CACHE = Path(".cache") / "huggingface" / "download"
+PARTIAL_DIR = Path(".cache") / "ossconv" / "partial"
 # Files of the Hugging Face layout at the repository root besides the weights.
 HF_ROOT_FILES = (
     "config.json",
@@ -202,29 +208,30 @@ def download(
     Example:
         >>> download("openai/gpt-oss-20b", layout="openai", out="gpt-oss-20b")  # doctest: +SKIP
     """
-    from huggingface_hub import HfApi, constants, hf_hub_download
+    from huggingface_hub import HfApi, constants
 
     if layout not in LAYOUT_CHOICES:
         raise OssconvError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUT_CHOICES)}")
     started = time.perf_counter()
-    endpoint = endpoint or constants.ENDPOINT
+    # HF_ENDPOINT is read now, not only when huggingface_hub was imported.
+    endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     folder = Path(out) if out else Path(repo.rstrip("/").split("/")[-1])
-    api = HfApi(endpoint=endpoint, token=token)
+    record = _Record(folder)
+    if constants.HF_HUB_OFFLINE:
+        return _offline(repo, layout, folder, record, started)
     try:
-        commit, remote_files = _list_files(api, repo, revision)
+        commit, remote_files = _list_files(HfApi(endpoint=endpoint, token=token), repo, revision)
     except Exception as error:  # every hub or network failure is bad input for the user, never a bug
         raise _hub_error(error, repo, revision, endpoint) from None
     selected = [f for f in remote_files if wanted(f.path, layout)]
     if not selected:
         raise OssconvError(f"{repo} has no files for layout {layout!r}")
+    targets = [_safe_target(folder, f.path) for f in selected]
     folder.mkdir(parents=True, exist_ok=True)
-    record = _Record(folder)
     result = DownloadResult(repo, revision or "main", commit, layout, str(folder))
-    tqdm_class = _forwarding_tqdm(progress)
     if hasattr(progress, "add_total"):
         progress.add_total(sum(f.size for f in selected))
-    for remote in selected:
-        target = _safe_target(folder, remote.path)
+    for remote, target in zip(selected, targets, strict=True):
         if record.unchanged(remote, target):
             result.files.append(
                 FetchedFile(remote.path, remote.size, record.entries[remote.path]["sha256"], "unchanged")
@@ -234,53 +241,109 @@ def download(
             continue
         ok, sha256 = _matches(remote, target)
         action = "verified on disk"
-        for attempt in range(2):
-            if ok:
-                break
-            _discard(folder, remote.path, target)
-            try:
-                hf_hub_download(
-                    repo,
-                    remote.path,
-                    revision=commit,
-                    local_dir=folder,
-                    token=token,
-                    endpoint=endpoint,
-                    tqdm_class=tqdm_class,
-                    force_download=attempt > 0,
-                )
-            except Exception as error:
-                raise _hub_error(error, repo, revision, endpoint) from None
-            result.bytes_downloaded += remote.size
-            action = "downloaded"
-            ok, sha256 = _matches(remote, target)
         if not ok:
-            _discard(folder, remote.path, target)
-            expected = remote.sha256 or f"git blob {remote.blob_id}"
-            raise OssconvError(
-                f"content does not match the Hub's checksum {expected} after a second download; file removed",
-                target,
-            )
+            sha256, fetched = _fetch(repo, commit, remote, folder, target, token, endpoint, progress)
+            result.bytes_downloaded += fetched
+            action = "downloaded"
+        elif progress:
+            progress(remote.size)
         record.remember(remote, target, sha256)
         result.files.append(FetchedFile(remote.path, remote.size, sha256, action))
-    _remove_orphans(folder)
+    _remove_orphans(folder, selected)
     result.seconds = time.perf_counter() - started
     result.next_steps = _next_steps(folder, layout)
     return result
 
 
-def _discard(folder: Path, repo_path: str, target: Path) -> None:
-    """Remove a file and huggingface_hub's note that it is complete (so it is fetched, not trusted)."""
-    target.unlink(missing_ok=True)
-    (folder / HF_DOWNLOAD_CACHE / f"{repo_path}.metadata").unlink(missing_ok=True)
+def _partial_path(folder: Path, remote: RemoteFile) -> Path:
+    tag = (remote.sha256 or remote.blob_id or "unknown")[:16]
+    return folder / PARTIAL_DIR / f"{remote.path}.{tag}.part"
 
 
-def _remove_orphans(folder: Path) -> None:
-    """Partial files of a killed run whose file has since completed (or left the listing)."""
-    cache = folder / HF_DOWNLOAD_CACHE
-    if cache.is_dir():
-        for partial in cache.rglob("*.incomplete"):
-            partial.unlink(missing_ok=True)
+def _fetch(
+    repo: str,
+    commit: str,
+    remote: RemoteFile,
+    folder: Path,
+    target: Path,
+    token: str | None,
+    endpoint: str,
+    progress: Callable[[int], None] | None,
+) -> tuple[str, int]:
+    """Download one file into its partial file (resuming from the bytes there), check it, move it into
+    place. Returns (sha256, bytes transferred). A mismatch is fetched once more from scratch."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    partial = _partial_path(folder, remote)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    transferred = 0
+    for _ in range(2):
+        try:
+            url = hf_hub_url(repo, remote.path, revision=commit, endpoint=endpoint)
+            metadata = get_hf_file_metadata(url, token=token, endpoint=endpoint)
+            if partial.exists() and partial.stat().st_size > remote.size:
+                partial.unlink()
+            resume = partial.stat().st_size if partial.exists() else 0
+            if resume < remote.size:
+                with open(partial, "ab") as handle:
+                    http_get(
+                        metadata.location,
+                        handle,
+                        resume_size=resume,
+                        headers=build_hf_headers(token=token),
+                        expected_size=remote.size,
+                        tqdm_class=_forwarding_tqdm(progress),
+                    )
+                transferred += remote.size - resume
+        except Exception as error:  # the partial file stays: the next run resumes from it
+            raise _hub_error(error, repo, commit, endpoint) from None
+        sha256, blob_id = file_digests(partial)
+        if sha256 == remote.sha256 or (remote.sha256 is None and blob_id == remote.blob_id):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial, target)
+            return sha256, transferred
+        partial.unlink()  # corrupted: never resume from these bytes
+    expected = remote.sha256 or f"git blob {remote.blob_id}"
+    raise OssconvError(
+        f"content does not match the Hub's checksum {expected} after a second download; nothing was kept", target
+    )
+
+
+def _offline(repo: str, layout: str, folder: Path, record: _Record, started: float) -> DownloadResult:
+    """HF_HUB_OFFLINE: check what an earlier run verified, without the network."""
+    result = DownloadResult(repo, "offline", "", layout, str(folder))
+    for path, entry in record.entries.items():
+        if not wanted(path, layout):
+            continue
+        remote = RemoteFile(
+            path,
+            entry["size"],
+            entry["expected"] if len(entry["expected"]) == 64 else None,
+            entry["expected"] if len(entry["expected"]) != 64 else None,
+        )
+        target = _safe_target(folder, path)
+        if not record.unchanged(remote, target) and not _matches(remote, target)[0]:
+            raise OssconvError(
+                "changed or missing since it was verified, and HF_HUB_OFFLINE forbids fetching it", target
+            )
+        result.files.append(FetchedFile(path, entry["size"], entry["sha256"], "unchanged"))
+    if not result.files:
+        raise OssconvError(f"HF_HUB_OFFLINE is set and no verified {layout!r} files of {repo} are here", folder)
+    result.seconds = time.perf_counter() - started
+    result.next_steps = _next_steps(folder, layout)
+    return result
+
+
+def _remove_orphans(folder: Path, listed: list[RemoteFile]) -> None:
+    """Partial files that no longer lead anywhere: their file completed, or left the listing."""
+    keep = {_partial_path(folder, remote) for remote in listed}
+    partial_dir = folder / PARTIAL_DIR
+    if partial_dir.is_dir():
+        for partial in partial_dir.rglob("*.part"):
+            if partial not in keep:
+                partial.unlink(missing_ok=True)
 
 
 def _next_steps(folder: Path, layout: str) -> list[str]:
