@@ -134,10 +134,12 @@ def decode(
     flat_scales = scales.reshape(-1)
     flat_out = out.view(-1).view(table.dtype)  # one table entry per byte
     n = flat_scales.numel()
+    index = torch.empty((min(n, _CHUNK_BLOCKS), BYTES_PER_BLOCK), dtype=torch.int32)  # reused: no page faults
     for start in range(0, n, _CHUNK_BLOCKS):
         stop = min(n, start + _CHUNK_BLOCKS)
-        index = (flat_scales[start:stop].to(torch.int32) << 8).unsqueeze(-1) + flat_blocks[start:stop]
-        torch.index_select(table, 0, index.view(-1), out=flat_out[start * BYTES_PER_BLOCK : stop * BYTES_PER_BLOCK])
+        rows = index[: stop - start]
+        torch.add(flat_blocks[start:stop], (flat_scales[start:stop].to(torch.int32) << 8).unsqueeze(-1), out=rows)
+        torch.index_select(table, 0, rows.view(-1), out=flat_out[start * BYTES_PER_BLOCK : stop * BYTES_PER_BLOCK])
     return out
 
 
