@@ -20,6 +20,13 @@ Encoding has two scale rules (elements are always rounded to nearest, ties to ev
   ``floor(log2 amax) - 2`` clamped to [-127, 127]; elements are ``x / max(2**e, 2**-126)`` (torchao clamps
   the divisor to the smallest fp32 normal), clamped to +-6.
 Inputs with NaN or Inf raise :class:`NonFiniteError`: no rule gives them a meaning that survives a round trip.
+fp32 and bf16 subnormal inputs are encoded like any other value (exactly as the oracles do in fp32).
+
+Round trips (tested as properties): for bf16 and fp32, ``decode(encode(decode(b, s))) == decode(b, s)`` bit
+for bit whenever the decoded block is finite and its scale byte is at least 1 (rule ``up``) or 4 (``floor``),
+and ``encode(decode(b, s)) == (b, s)`` when, in addition, the block's largest |code| is 4.0 or 6.0. The
+smallest scales cannot round-trip under either rule, by the rules' own definitions: ``up`` rounds a
+subnormal ``d`` up to 2^-126, and torchao divides by 2^-126 even where it writes scale byte 0.
 
 Both rules run a fast path for bf16 input that never leaves 16-bit integers: because the scale is a power of
 two, an element's code depends only on its exponent relative to the scale and its 7 mantissa bits, so one
