@@ -15,6 +15,7 @@ into place only after every byte of every tensor has been written.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -39,6 +40,8 @@ DTYPES_NAME = "dtypes.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+COPY_CHUNK = 1 << 30  # bytes per copy_file_range call
+FALLBACK_CHUNK = 16 << 20  # bytes per read/write where the kernel cannot copy between the two files
 EP_MANIFEST_NAME = "ep_manifest.json"
 EP_FORMAT = "ossconv-expert-parallel-v1"
 # Files beside the weights that describe the model to other tools; copied through by every command.
@@ -326,11 +329,14 @@ def rank_folders(folder: Path) -> list[Path] | None:
     ranks = manifest.get("ranks")
     if manifest.get("format") != EP_FORMAT or not isinstance(ranks, list) or not ranks:
         raise CheckpointError(f"not an ossconv expert-parallel manifest (format {EP_FORMAT!r})", manifest_path)
+    if not _is_count(manifest.get("num_experts")):
+        raise CheckpointError("num_experts must be a positive integer", manifest_path)
     folders = []
     for rank in ranks:
-        relative = rank.get("folder") if isinstance(rank, dict) else None
-        if not isinstance(relative, str):
-            raise CheckpointError("a rank entry has no folder", manifest_path)
+        problem = _rank_entry_problem(rank)
+        if problem:
+            raise CheckpointError(f"a rank entry is malformed: {problem}", manifest_path)
+        relative = rank["folder"]
         candidate = folder / relative
         if not candidate.is_dir():
             raise CheckpointError(f"rank folder {relative} is missing", folder)
@@ -338,6 +344,32 @@ def rank_folders(folder: Path) -> list[Path] | None:
             raise CheckpointError(f"the manifest points outside the checkpoint folder: {relative!r}", manifest_path)
         folders.append(candidate)
     return folders
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _rank_entry_problem(rank: object) -> str | None:
+    """What is wrong with one manifest rank entry ({folder, experts: [start, stop], files: {name: sha256}})."""
+    if not isinstance(rank, dict):
+        return "not an object"
+    if not isinstance(rank.get("folder"), str):
+        return "no folder"
+    experts = rank.get("experts")
+    if (
+        not isinstance(experts, list)
+        or len(experts) != 2
+        or not all(isinstance(e, int) and not isinstance(e, bool) for e in experts)
+        or not 0 <= experts[0] < experts[1]
+    ):
+        return f"experts must be [first, stop) with 0 <= first < stop, got {experts!r}"
+    files = rank.get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for k, v in files.items()
+    ):
+        return "files must map file names to sha256 hex digests"
+    return None
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -385,7 +417,12 @@ def _fuse_split_experts(
         parsed = layouts.parse_split_name(name)
         if parsed:
             fused, expert = parsed
-            pieces.setdefault(fused, {})[expert] = tensors.pop(name)
+            held = pieces.setdefault(fused, {})
+            if expert in held:
+                raise CheckpointError(
+                    f"expert {expert} of {fused} is stored twice ({held[expert].name})", tensors[name].file
+                )
+            held[expert] = tensors.pop(name)
     for fused, by_expert in pieces.items():
         first = by_expert[min(by_expert)]
         for expert, info in by_expert.items():
@@ -494,6 +531,7 @@ class CheckpointWriter:
                     raise ValueError(f"tensor {spec.name} planned twice")
                 self.slots[spec.name] = _Slot(spec, shard, len(header) + offsets[spec.name])
         self.fds: dict[int, int] = {}
+        self.kernel_copy = hasattr(os, "copy_file_range")
         if hasattr(progress, "add_total"):  # a progress bar that can show how much is planned
             progress.add_total(sum(spec.nbytes for spec in specs))
 
@@ -528,11 +566,14 @@ class CheckpointWriter:
             raise ValueError(f"{name}: got {data.dtype}, planned {expected}")
         view = memoryview(data.view(-1).view(torch.uint8).numpy())
         slot = self._slot(name, offset, len(view))
-        fd = self._fd(slot.shard)
-        position = slot.offset + offset
-        while view:
-            count = os.pwrite(fd, view, position)
-            view, position = view[count:], position + count
+        try:
+            fd = self._fd(slot.shard)
+            position = slot.offset + offset
+            while view:
+                count = os.pwrite(fd, view, position)
+                view, position = view[count:], position + count
+        except OSError as error:
+            raise OssconvError(f"cannot write {name}: {error.strerror or error}", self.out) from None
         self._account(slot, data.numel() * data.element_size())
 
     def copy(
@@ -546,15 +587,37 @@ class CheckpointWriter:
         if source.dtype != self.slots[name].spec.dtype:
             raise ValueError(f"{name}: source is {source.dtype}, planned {self.slots[name].spec.dtype}")
         slot = self._slot(name, offset, nbytes)
-        fd = self._fd(slot.shard)
-        with open(source.file, "rb") as handle:
-            src_pos, dst_pos, left = source.offset + start, slot.offset + offset, nbytes
-            while left:
-                count = os.copy_file_range(handle.fileno(), fd, min(left, 1 << 30), src_pos, dst_pos)
-                if count == 0:
-                    raise CheckpointError(f"file ended inside tensor {source.name}", source.file)
-                src_pos, dst_pos, left = src_pos + count, dst_pos + count, left - count
+        try:
+            fd = self._fd(slot.shard)
+            with open(source.file, "rb") as handle:
+                src_pos, dst_pos, left = source.offset + start, slot.offset + offset, nbytes
+                while left:
+                    count = self._copy_range(handle.fileno(), fd, min(left, COPY_CHUNK), src_pos, dst_pos)
+                    if count == 0:
+                        raise CheckpointError(f"file ended inside tensor {source.name}", source.file)
+                    src_pos, dst_pos, left = src_pos + count, dst_pos + count, left - count
+        except OSError as error:
+            raise OssconvError(
+                f"cannot copy {source.name} from {source.file}: {error.strerror or error}", self.out
+            ) from None
         self._account(slot, nbytes)
+
+    def _copy_range(self, src: int, dst: int, count: int, src_pos: int, dst_pos: int) -> int:
+        """copy_file_range where the kernel and file systems allow it (across file systems they often do
+        not), else a plain read and write of at most COPY_CHUNK bytes."""
+        if self.kernel_copy:
+            try:
+                return os.copy_file_range(src, dst, count, src_pos, dst_pos)
+            except OSError as error:
+                if error.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EPERM):
+                    raise
+                self.kernel_copy = False
+        data = os.pread(src, min(count, FALLBACK_CHUNK), src_pos)
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(dst, view, dst_pos)
+            view, dst_pos = view[written:], dst_pos + written
+        return len(data)
 
     def _account(self, slot: _Slot, nbytes: int) -> None:
         slot.written += nbytes

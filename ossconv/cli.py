@@ -435,6 +435,7 @@ def reshard(
     help="Largest KL(A || B) of the next-token distributions at any position (default 1e-4).",
 )
 @click.option("--report", "report_path", type=click.Path(), default=None, help="Also write the JSON report here.")
+@click.option("--overwrite", is_flag=True, help="Replace existing --report / --save-logits files.")
 @click.option(
     "--save-logits",
     type=click.Path(),
@@ -454,6 +455,7 @@ def verify(
     kl_max: float | None,
     report_path: str | None,
     save_logits: str | None,
+    overwrite: bool,
     out: Output,
 ) -> int:
     """Run the reference gpt-oss forward pass on A and B in lockstep (fp32) and compare layer by layer.
@@ -475,6 +477,9 @@ def verify(
         raise click.UsageError("Choose one of --tokens, --prompt-tokens and --num-tokens.")
     if exact and (atol is not None or kl_max is not None):
         raise click.UsageError("Choose either --exact or --atol/--kl-max, not both.")
+    for target in (report_path, save_logits):
+        if target and Path(target).exists() and not overwrite:
+            raise OssconvError("already exists; pass --overwrite to replace it", target)
     from ossconv.checkpoint import open_checkpoint
 
     config = open_checkpoint(a).config

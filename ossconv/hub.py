@@ -124,9 +124,15 @@ class _Record:
     def __init__(self, out: Path):
         self.path = out / RECORD
         try:
-            self.entries: dict[str, dict[str, Any]] = json.loads(self.path.read_text())
+            entries = json.loads(self.path.read_text())
         except (OSError, ValueError):
-            self.entries = {}
+            entries = {}
+        keys = {"sha256": str, "expected": str, "size": int, "mtime_ns": int}
+        self.entries: dict[str, dict[str, Any]] = {
+            path: entry
+            for path, entry in (entries.items() if isinstance(entries, dict) else [])
+            if isinstance(entry, dict) and all(isinstance(entry.get(k), t) for k, t in keys.items())
+        }  # a damaged record only costs re-hashing
 
     def unchanged(self, remote: RemoteFile, target: Path) -> bool:
         entry = self.entries.get(remote.path)

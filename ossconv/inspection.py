@@ -95,11 +95,38 @@ def find_problems(ckpt: Checkpoint) -> list[str]:
         elif spec.dtype != torch.uint8 and not info.dtype.is_floating_point:
             problems.append(f"{name} is {SAFETENSORS_DTYPES[info.dtype]}, expected a float dtype")
     problems += [f"unexpected tensor {name}" for name in ckpt.tensors if name not in expected]
+    if ckpt.expert_format != MXFP4:  # float experts: one dtype for all, or "as the source" means nothing
+        for weight in layouts.expert_weights(ckpt.layout, ckpt.config):
+            info = ckpt.tensors.get(weight.float_name)
+            if info is not None and info.dtype != ckpt.expert_format:
+                problems.append(
+                    f"{weight.float_name} is {SAFETENSORS_DTYPES[info.dtype]}, other expert weights are "
+                    f"{SAFETENSORS_DTYPES[ckpt.expert_format]}"
+                )
+    if ckpt.layout == layouts.HF:
+        problems += hf_config_problems(ckpt.raw_config, ckpt.config.num_hidden_layers)
     for name in ckpt.pieces:
         missing = ckpt.missing_experts(name)
         if missing:
             problems.append(f"{name} lacks experts {format_ranges(missing)} of {ckpt.info(name).shape[0]}")
     return problems
+
+
+def hf_config_problems(raw: dict, layers: int) -> list[str]:
+    """HF config keys that ModelConfig does not carry but that change what transformers computes."""
+    found = []
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if rope.get("rope_type", "yarn") != "yarn":
+        found.append(f"config.json: rope_type is {rope.get('rope_type')!r}, gpt-oss uses 'yarn'")
+    if rope.get("truncate", True) is not False:
+        found.append(
+            "config.json: rope_scaling.truncate is not false, so transformers rounds YaRN's correction bounds "
+            "(gpt-oss, OpenAI's reference and ossconv do not): set it to false"
+        )
+    expected = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+    if "layer_types" in raw and raw["layer_types"] != expected:
+        found.append("config.json: layer_types is not sliding on even layers and full on odd ones, as gpt-oss is")
+    return found
 
 
 def inspect_checkpoint(path: str | Path, *, stats: bool = True) -> InspectReport:

@@ -209,3 +209,22 @@ def test_config_of_the_wrong_layout(checkpoints, copy_of):
     (folder / "config.json").write_text(json.dumps({"num_experts": 4}))
     with pytest.raises(CheckpointError, match=r"config.json: not a gpt-oss hf config: config.json lacks"):
         open_checkpoint(folder)
+
+
+def test_copy_falls_back_when_the_kernel_cannot_copy_between_file_systems(checkpoints, tmp_path, monkeypatch):
+    import errno
+
+    from helpers import assert_byte_identical
+
+    from ossconv import convert
+
+    calls = []
+
+    def cross_device(*args):
+        calls.append(args)
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device)
+    convert(checkpoints["openai-mxfp4"], tmp_path / "out", to="openai")
+    assert len(calls) == 1  # tried once, then read/write for the rest
+    assert_byte_identical(checkpoints["openai-mxfp4"], tmp_path / "out")

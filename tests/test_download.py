@@ -188,3 +188,11 @@ def test_offline_mode_checks_what_was_verified(hub, tmp_path, monkeypatch):
     result = download(REPO, layout="openai", out=tmp_path / "dl")
     assert len(result.files) == len([p for p in hub.repos[REPO] if p.startswith("original/")])
     assert hub.log == []
+
+
+def test_damaged_record_only_costs_rehashing(hub, tmp_path):
+    download(REPO, layout="openai", out=tmp_path / "dl")
+    (tmp_path / "dl" / ".cache" / "ossconv" / "verified.json").write_text("[1]")
+    hub.log.clear()
+    result = download(REPO, layout="openai", out=tmp_path / "dl")
+    assert {f.action for f in result.files} == {"verified on disk"} and fetched(hub) == []

@@ -22,6 +22,29 @@ KNOWN_MODELS = {
 }
 
 
+_POSITIVE_INTS = (
+    "num_hidden_layers",
+    "num_experts",
+    "experts_per_token",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "head_dim",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "initial_context_length",
+)
+_POSITIVE_NUMBERS = ("swiglu_limit", "rope_theta", "rope_scaling_factor", "rope_ntk_alpha", "rope_ntk_beta")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     num_hidden_layers: int = 24
@@ -50,21 +73,18 @@ class ModelConfig:
         return self.num_key_value_heads * self.head_dim
 
     def problems(self) -> list[str]:
-        """Constraints the two layouts and the MXFP4 encoding need; empty when the config is usable."""
+        """Constraints the two layouts, the MXFP4 encoding and the forward pass need; empty when usable."""
         found = []
-        for name in (
-            "num_hidden_layers",
-            "num_experts",
-            "experts_per_token",
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "head_dim",
-            "num_attention_heads",
-            "num_key_value_heads",
-        ):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                found.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if not _is_int(value) or value <= 0:
+                found.append(f"{name} must be a positive integer, got {value!r}")
+        if not _is_int(self.sliding_window) or self.sliding_window < 0:
+            found.append(f"sliding_window must be a non-negative integer, got {self.sliding_window!r}")
+        for name in _POSITIVE_NUMBERS:
+            value = getattr(self, name)
+            if not _is_number(value) or not value > 0 or value != value:
+                found.append(f"{name} must be a positive number, got {value!r}")
         if found:
             return found
         for name in ("hidden_size", "intermediate_size"):
@@ -77,6 +97,14 @@ class ModelConfig:
             )
         if self.experts_per_token > self.num_experts:
             found.append(f"experts_per_token ({self.experts_per_token}) exceeds num_experts ({self.num_experts})")
+        if self.head_dim % 2:
+            found.append(f"head_dim ({self.head_dim}) must be even (rotary embedding rotates halves)")
+        if self.rope_theta <= 1:
+            found.append(f"rope_theta ({self.rope_theta}) must be greater than 1")
+        if self.rope_scaling_factor > 1 and self.rope_ntk_beta <= self.rope_ntk_alpha:
+            found.append(
+                f"rope_ntk_beta ({self.rope_ntk_beta}) must exceed rope_ntk_alpha ({self.rope_ntk_alpha}) for YaRN"
+            )
         return found
 
     def known_model(self) -> str:
@@ -103,7 +131,18 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any]) -> ModelConfig:
+        try:
+            return cls._from_hf(raw)
+        except (TypeError, ZeroDivisionError, AttributeError, KeyError) as error:
+            raise ValueError(
+                f"config.json has a value of the wrong type or range ({type(error).__name__}: {error})"
+            ) from None
+
+    @classmethod
+    def _from_hf(cls, raw: dict[str, Any]) -> ModelConfig:
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_scaling must be an object, got {rope!r}")
         required = (
             "num_hidden_layers",
             "num_local_experts",

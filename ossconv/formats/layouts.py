@@ -219,9 +219,9 @@ _FUSED_EXPERT = re.compile(
     r"(block\.\d+\.mlp\.)(mlp[12]_(?:weight(?:\.blocks|\.scales)?|bias))"
     r"|(model\.layers\.\d+\.mlp\.experts\.)((?:gate_up|down)_proj(?:_blocks|_scales|_bias)?)"
 )
-_SPLIT_EXPERT = re.compile(
-    r"(block\.\d+\.mlp\.)experts\.(\d+)\.(mlp[12]_(?:weight(?:\.blocks|\.scales)?|bias))"
-    r"|(model\.layers\.\d+\.mlp\.experts\.)(\d+)\.((?:gate_up|down)_proj(?:_blocks|_scales|_bias)?)"
+_SPLIT_EXPERT = re.compile(  # expert numbers without leading zeros: one name per expert
+    r"(block\.\d+\.mlp\.)experts\.(0|[1-9]\d*)\.(mlp[12]_(?:weight(?:\.blocks|\.scales)?|bias))"
+    r"|(model\.layers\.\d+\.mlp\.experts\.)(0|[1-9]\d*)\.((?:gate_up|down)_proj(?:_blocks|_scales|_bias)?)"
 )
 
 

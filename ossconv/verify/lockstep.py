@@ -72,7 +72,11 @@ def parse_tokens(text: str, source: str = "--tokens") -> list[int]:
         values = json.loads(text) if text.startswith("[") else [int(t) for t in text.replace(",", " ").split()]
     except (ValueError, json.JSONDecodeError):
         raise OssconvError("token ids must be integers separated by commas or spaces, or a JSON list", source) from None
-    if not values or not all(isinstance(v, int) for v in values):
+    if (
+        not isinstance(values, list)
+        or not values
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    ):
         raise OssconvError("expected at least one integer token id", source)
     return values
 
