@@ -52,13 +52,11 @@ def _dense(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """A non-expert tensor in fp32, scaled like a trained model's (unit-ish activations)."""
     g = _generator(seed, name)
     x = torch.randn(shape, generator=g)
-    if name.endswith(("norm.scale",)):
+    if name.endswith("norm.scale"):
         return 1.0 + 0.1 * x
-    if name.endswith(("bias",)):
+    if name.endswith("bias"):
         return 0.05 * x
-    if name.endswith("sinks"):
-        return x
-    if name == "embedding.weight":
+    if name.endswith("sinks") or name == "embedding.weight":
         return x
     return x / math.sqrt(shape[-1])
 
