@@ -6,7 +6,8 @@ Builds synthetic OpenAI-layout MXFP4 checkpoints with gpt-oss-20b's layer shapes
 32 experts of 2880, top-4) and a small vocabulary, then runs the CLI in a child process per conversion and
 reads that child's own peak RSS (wait4). Targets (issue 4): same-precision conversion >= 0.7x the speed of
 `cp`; MXFP4 -> bf16 bound by the codec (compare with the decode-only time of the same experts); peak RSS
-under 1.5 GB and not growing with the number of layers.
+under 1.5 GB and not growing with the number of layers. Every command is timed to stable storage (sync), in
+alternating rounds; medians.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import REAL_20B_LAYER, folder_bytes, run_child
+from common import REAL_20B_LAYER, folder_bytes, median_runs, run_child
 
 from ossconv import synthetic
 from ossconv.checkpoint import open_checkpoint
@@ -44,6 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ossconv-bench"))
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; medians are printed")
     args = parser.parse_args()
     ossconv = [sys.executable, "-m", "ossconv"]
     for layers in args.layers:
@@ -53,12 +55,28 @@ def main() -> None:
         source = synthetic.build(work / "src", synthetic.tiny_config(num_hidden_layers=layers, **REAL_20B_LAYER))
         size = folder_bytes(source)
         run(["cat", *map(str, source.iterdir())])  # warm the page cache for both cp and convert
-        cp_seconds, _ = run(["cp", "-r", str(source), str(work / "cp")])
         startup, _ = run([sys.executable, "-c", "import ossconv.cli, ossconv.convert.layout"])
-        same_seconds, same_rss = run([*ossconv, "convert", str(source), str(work / "hf"), "--to", "hf", "--quiet"])
-        bf16_seconds, bf16_rss = run(
-            [*ossconv, "convert", str(source), str(work / "hf-bf16"), "--to", "hf", "--dtype", "bf16", "--quiet"]
+        results = median_runs(
+            {
+                "cp": ["cp", "-r", str(source), str(work / "cp")],
+                "same": [*ossconv, "convert", str(source), str(work / "hf"), "--to", "hf", "--quiet"],
+                "bf16": [
+                    *ossconv,
+                    "convert",
+                    str(source),
+                    str(work / "hf-bf16"),
+                    "--to",
+                    "hf",
+                    "--dtype",
+                    "bf16",
+                    "-q",
+                ],
+                "unpack": [*ossconv, "unpack", str(source), str(work / "openai-bf16"), "--quiet"],
+            },
+            args.repeat,
+            [work / "cp", work / "hf", work / "hf-bf16", work / "openai-bf16"],
         )
+        (cp_seconds, _), (same_seconds, same_rss), (bf16_seconds, bf16_rss), (unpack_seconds, _) = results.values()
         decode_seconds = decode_only_seconds(source)
         out_size = folder_bytes(work / "hf-bf16")
         print(f"{layers} layers of gpt-oss-20b shape: source {size / 1e9:.2f} GB, bf16 output {out_size / 1e9:.2f} GB")
@@ -76,8 +94,11 @@ def main() -> None:
             f"peak RSS {bf16_rss / 1e9:.2f} GB (target < 1.5 GB)"
         )
         print(
-            f"  decode alone, same experts  {decode_seconds:6.2f} s  -> convert spends "
-            f"{decode_seconds / bf16_seconds:.0%} of its time decoding"
+            f"  unpack (OpenAI layout, no transpose) {unpack_seconds:5.2f} s  {out_size / unpack_seconds / 1e9:5.2f} GB/s out"
+        )
+        print(
+            f"  decode alone, same experts  {decode_seconds:6.2f} s  = {decode_seconds / unpack_seconds:.0%} of unpack, "
+            f"{decode_seconds / bf16_seconds:.0%} of convert to HF bf16 (the rest: writing, and HF's [E, in, out] transpose)"
         )
         shutil.rmtree(work, ignore_errors=True)
 

@@ -3,7 +3,8 @@
     python benchmarks/bench_reshard.py [--layers 2] [--ranks 4] [--workdir /tmp/ossconv-bench-reshard]
 
 Every rank carries the shared tensors, so the output is larger than the source; throughput is measured on
-the bytes written. Targets (issue 6): >= 0.7x `cp` of the same bytes, peak RSS bounded as in convert.
+the bytes written. Every command is timed to stable storage (sync), in alternating rounds; medians.
+Targets (issue 6): >= 0.7x `cp` of the same bytes, peak RSS bounded as in convert.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import REAL_20B_LAYER, folder_bytes, run_child
+from common import REAL_20B_LAYER, folder_bytes, median_runs, run_child
 
 from ossconv import synthetic
 
@@ -23,6 +24,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--ranks", type=int, default=4)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ossconv-bench-reshard"))
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; medians are printed")
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
@@ -30,15 +32,19 @@ def main() -> None:
         args.workdir / "src", synthetic.tiny_config(num_hidden_layers=args.layers, **REAL_20B_LAYER)
     )
     run_child(["cat", *map(str, source.iterdir())])  # warm the page cache for both
-    cp_seconds, _, _ = run_child(["cp", "-r", str(source), str(args.workdir / "cp")])
     startup, _, _ = run_child([sys.executable, "-c", "import ossconv.cli, ossconv.convert.reshard"])
     ossconv = [sys.executable, "-m", "ossconv", "reshard"]
-    ep_seconds, ep_rss, _ = run_child(
-        [*ossconv, str(source), str(args.workdir / "ep"), "--ep-ranks", str(args.ranks), "-q"]
+    ep, merged = args.workdir / "ep", args.workdir / "m"
+    results = median_runs(
+        {
+            "cp": ["cp", "-r", str(source), str(args.workdir / "cp")],
+            "ep": [*ossconv, str(source), str(ep), "--ep-ranks", str(args.ranks), "-q"],
+            "merge": [*ossconv, "--merge", str(ep), str(merged), "-q"],
+        },
+        args.repeat,
+        [args.workdir / "cp", ep, merged],
     )
-    merge_seconds, merge_rss, _ = run_child(
-        [*ossconv, "--merge", str(args.workdir / "ep"), str(args.workdir / "m"), "-q"]
-    )
+    (cp_seconds, _), (ep_seconds, ep_rss), (merge_seconds, merge_rss) = results.values()
     size, ep_size = folder_bytes(source), folder_bytes(args.workdir / "ep")
     cp_rate = size / cp_seconds
     print(

@@ -22,11 +22,18 @@ REAL_20B_LAYER = dict(
 
 
 def run_child(args: list[str], capture: bool = False) -> tuple[float, int, bytes]:
-    """Seconds, peak RSS in bytes (of that child alone, from wait4) and stdout of one command."""
+    """Seconds, peak RSS in bytes (of that child alone, from wait4) and stdout of one command.
+
+    Dirty pages are flushed before the clock starts and counted before it stops (``sync``), so a command
+    neither pays for the previous one's writes nor leaves its own in the page cache unpaid: ``cp`` and
+    ossconv are measured to stable storage alike.
+    """
+    os.sync()
     started = time.perf_counter()
     child = subprocess.Popen(args, stdout=subprocess.PIPE if capture else subprocess.DEVNULL)
     output = child.stdout.read() if capture else b""
     _, status, usage = os.wait4(child.pid, 0)
+    os.sync()
     if status != 0:
         raise SystemExit(f"{' '.join(args)} failed with status {status}")
     return time.perf_counter() - started, usage.ru_maxrss * 1024, output
@@ -34,3 +41,21 @@ def run_child(args: list[str], capture: bool = False) -> tuple[float, int, bytes
 
 def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def median_runs(commands: dict[str, list[str]], repeat: int, cleanup: list[Path]) -> dict[str, tuple[float, int]]:
+    """Run the commands in turn, ``repeat`` rounds (so slow and fast moments of a shared disk hit all of
+    them alike), removing ``cleanup`` folders between rounds; median seconds and largest peak RSS of each."""
+    import shutil
+    import statistics
+
+    seconds: dict[str, list[float]] = {name: [] for name in commands}
+    peaks: dict[str, int] = dict.fromkeys(commands, 0)
+    for _ in range(repeat):
+        for folder in cleanup:
+            shutil.rmtree(folder, ignore_errors=True)
+        for name, args in commands.items():
+            took, rss, _ = run_child(args)
+            seconds[name].append(took)
+            peaks[name] = max(peaks[name], rss)
+    return {name: (statistics.median(seconds[name]), peaks[name]) for name in commands}
