@@ -94,7 +94,8 @@ def main() -> None:
             f"peak RSS {bf16_rss / 1e9:.2f} GB (target < 1.5 GB)"
         )
         print(
-            f"  unpack (OpenAI layout, no transpose) {unpack_seconds:5.2f} s  {out_size / unpack_seconds / 1e9:5.2f} GB/s out"
+            f"  unpack (OpenAI layout, no transpose) {unpack_seconds:5.2f} s  "
+            f"{out_size / unpack_seconds / 1e9:5.2f} GB/s out"
         )
         print(
             f"  decode alone, same experts  {decode_seconds:6.2f} s  = {decode_seconds / unpack_seconds:.0%} of unpack, "
