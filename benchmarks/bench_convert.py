@@ -99,7 +99,8 @@ def main() -> None:
         )
         print(
             f"  decode alone, same experts  {decode_seconds:6.2f} s  = {decode_seconds / unpack_seconds:.0%} of unpack, "
-            f"{decode_seconds / bf16_seconds:.0%} of convert to HF bf16 (the rest: writing, and HF's [E, in, out] transpose)"
+            f"{decode_seconds / bf16_seconds:.0%} of convert to HF bf16 "
+            "(the rest: start-up, writing, and HF's [E, in, out] transpose)"
         )
         shutil.rmtree(work, ignore_errors=True)
 
