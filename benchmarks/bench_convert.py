@@ -98,7 +98,8 @@ def main() -> None:
             f"{out_size / unpack_seconds / 1e9:5.2f} GB/s out"
         )
         print(
-            f"  decode alone, same experts  {decode_seconds:6.2f} s  = {decode_seconds / unpack_seconds:.0%} of unpack, "
+            f"  decode alone, same experts  {decode_seconds:6.2f} s  = "
+            f"{decode_seconds / unpack_seconds:.0%} of unpack, "
             f"{decode_seconds / bf16_seconds:.0%} of convert to HF bf16 "
             "(the rest: start-up, writing, and HF's [E, in, out] transpose)"
         )
