@@ -10,7 +10,7 @@ The library offers what the command line does, as functions that return data:
 
 __version__ = "0.1.0"
 
-from ossconv.checkpoint import Checkpoint, CheckpointWriter, open_checkpoint  # noqa: E402
+from ossconv.checkpoint import Checkpoint, open_checkpoint  # noqa: E402
 from ossconv.convert.layout import convert  # noqa: E402
 from ossconv.convert.precision import pack, unpack  # noqa: E402
 from ossconv.convert.reshard import merge, reshard  # noqa: E402
@@ -21,6 +21,7 @@ from ossconv.formats.mxfp4 import decode, encode  # noqa: E402
 from ossconv.hub import download  # noqa: E402
 from ossconv.inspection import InspectReport, inspect_checkpoint  # noqa: E402
 from ossconv.verify.lockstep import VerifyReport, verify  # noqa: E402
+from ossconv.writer import CheckpointWriter
 
 __all__ = [
     "Checkpoint",

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from ossconv.checkpoint import CONFIG_NAME, DTYPES_NAME, CheckpointWriter, dtypes_json
+from ossconv.checkpoint import CONFIG_NAME, DTYPES_NAME
 from ossconv.formats import layouts, mxfp4
 from ossconv.formats.config import ModelConfig
 from ossconv.formats.layouts import FLOAT_PRECISIONS, MXFP4, OPENAI
+from ossconv.writer import CheckpointWriter, dtypes_json
 
 # Small enough for tests and the demo, shaped so that mistakes show: no square expert matrix
 # (2I = 192 rows x H = 64 in gate_up, H = 64 x I = 96 in down), top-k > 1, a sliding window shorter than

@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ossconv.checkpoint import CheckpointWriter, open_checkpoint, parse_size
+from ossconv.checkpoint import open_checkpoint, parse_size
 from ossconv.errors import CheckpointError, OutputExistsError
 from ossconv.formats.layouts import TensorSpec
+from ossconv.writer import CheckpointWriter
 
 
 def specs_of(tensors: dict[str, torch.Tensor]) -> list[TensorSpec]:

@@ -24,18 +24,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from ossconv.checkpoint import (
-    DEFAULT_MAX_SHARD_SIZE,
     EP_FORMAT,
     EP_MANIFEST_NAME,
     Checkpoint,
     TensorInfo,
-    check_output_apart,
     format_ranges,
     open_checkpoint,
     rank_folders,
 )
 from ossconv.convert.stream import ConversionResult, rewrite
 from ossconv.errors import CheckpointError, OssconvError, OutputExistsError
+from ossconv.writer import DEFAULT_MAX_SHARD_SIZE, check_output_apart
 
 HASH_CHUNK = 16 << 20
 # sha256 runs at about 1 GB/s per core and releases the GIL: hash files on every core, beside the copying.

@@ -17,20 +17,12 @@ from pathlib import Path
 
 import torch
 
-from ossconv.checkpoint import (
-    CONFIG_NAME,
-    DEFAULT_MAX_SHARD_SIZE,
-    DTYPES_NAME,
-    Checkpoint,
-    CheckpointWriter,
-    TensorInfo,
-    check_output_apart,
-    dtypes_json,
-)
+from ossconv.checkpoint import CONFIG_NAME, DTYPES_NAME, Checkpoint, TensorInfo
 from ossconv.errors import CheckpointError
 from ossconv.formats import layouts, mxfp4
 from ossconv.formats.layouts import MXFP4, OPENAI, ExpertWeight, TensorSpec
 from ossconv.inspection import find_problems
+from ossconv.writer import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, check_output_apart, dtypes_json
 
 TORCH_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 

@@ -1,0 +1,81 @@
+"""Text renderings of the library's reports for the command line (``--json`` prints the data itself)."""
+
+from __future__ import annotations
+
+import click
+
+from ossconv.inspection import InspectReport
+from ossconv.verify.lockstep import VerifyReport
+
+
+def inspect_text(report: InspectReport) -> None:
+    """inspect's text output: summary, tensor table, MXFP4 scale histogram, problems."""
+    cfg = report.config
+    click.echo(f"{report.path}: {report.layout} layout, experts {report.precision}, model {report.known_model}")
+    click.echo(
+        f"  {cfg['num_hidden_layers']} layers, {cfg['num_experts']} experts (top {cfg['experts_per_token']}), "
+        f"hidden {cfg['hidden_size']}, intermediate {cfg['intermediate_size']}, heads {cfg['num_attention_heads']}/"
+        f"{cfg['num_key_value_heads']} x {cfg['head_dim']}, vocab {cfg['vocab_size']}"
+    )
+    click.echo(
+        f"  {len(report.tensors)} tensors, {report.total_parameters / 1e9:.3f} B parameters, "
+        f"{report.total_bytes / 1e9:.3f} GB in {len(report.files)} file(s)"
+    )
+    width = max(len(t["name"]) for t in report.tensors)
+    click.echo()
+    for t in report.tensors:
+        shape = "x".join(str(d) for d in t["shape"])
+        click.echo(f"  {t['name']:<{width}}  {t['dtype']:>4}  {shape:>22}  {t['bytes'] / 1e6:10.2f} MB  {t['file']}")
+    if report.mxfp4:
+        blocks = sum(s.blocks for s in report.mxfp4)
+        histogram: dict[int, int] = {}
+        for s in report.mxfp4:
+            for scale, count in s.scale_histogram.items():
+                histogram[scale] = histogram.get(scale, 0) + count
+        click.echo()
+        click.echo(
+            f"  MXFP4: {blocks} blocks in {len(report.mxfp4)} weights; scale bytes "
+            f"{min(histogram)}..{max(histogram)} (2^{min(histogram) - 127}..2^{max(histogram) - 127})"
+        )
+        zero = sum(s.zero_blocks for s in report.mxfp4)
+        second = sum(s.second_encoding_blocks for s in report.mxfp4)
+        inf = sum(s.inf_blocks for s in report.mxfp4)
+        click.echo(
+            f"  all-zero blocks {zero / blocks:.4%}, blocks with a second encoding {second / blocks:.4%}, "
+            f"blocks decoding to Inf {inf}"
+        )
+        peak = max(histogram.values())
+        for scale in sorted(histogram):
+            bar = "#" * max(1, round(40 * histogram[scale] / peak))
+            click.echo(f"    scale {scale:3d} (2^{scale - 127:+4d}) {histogram[scale]:>12}  {bar}")
+    click.echo()
+    if report.problems:
+        click.echo(f"  {len(report.problems)} problem(s):")
+        for problem in report.problems[:50]:
+            click.echo(f"    - {problem}")
+        if len(report.problems) > 50:
+            click.echo(f"    ... and {len(report.problems) - 50} more (--json lists all)")
+    else:
+        click.echo("  no problems found")
+
+
+def verify_text(report: VerifyReport) -> None:
+    """verify's text output: identities, a row per step, logits metrics, verdict."""
+    click.echo(f"A: {report.a.path} ({report.a.layout}, {report.a.precision})")
+    click.echo(f"B: {report.b.path} ({report.b.layout}, {report.b.precision})")
+    tolerance = "bit-identical" if report.mode == "exact" else f"atol {report.atol:g}, KL max {report.kl_max:g}"
+    click.echo(f"{len(report.tokens)} tokens, fp32, {tolerance}")
+    click.echo(f"  {'step':<12} {'max |A-B|':>11} {'rel error':>11} {'cosine':>10}")
+    for s in report.states:
+        mark = "identical" if s.identical else ""
+        click.echo(f"  {s.step:<12} {s.max_abs_error:11.3e} {s.relative_error:11.3e} {s.cosine:10.6f}  {mark}")
+    lg = report.logits
+    click.echo(
+        f"  logits: max |A-B| {lg.max_abs_error:.3e}, KL mean {lg.kl_mean:.3e} max {lg.kl_max:.3e}, "
+        f"top-1 agreement {lg.top1_agreement:.2%}"
+    )
+    if report.same:
+        click.echo("verdict: same")
+    else:
+        where = report.first_divergent_layer
+        click.echo("verdict: DIFFER" + (f" (first divergent layer: {where})" if where is not None else " (logits)"))

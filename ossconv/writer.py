@@ -1,0 +1,264 @@
+"""The streaming, atomic checkpoint writer.
+
+safetensors' ``save_file`` needs every tensor of a file in memory at once, so the writer plans all shards up
+front (names, dtypes and shapes are known before the data), writes each shard's header when the shard is
+created, then places tensor bytes (whole tensors, expert slices, or kernel-side copies of source bytes) at
+their planned offsets. Everything goes into a temporary folder beside the output that is renamed into place
+only after every byte of every tensor has been written; safetensors' own reader checks the result in the tests.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ossconv.checkpoint import INDEX_NAME, TensorInfo
+from ossconv.errors import CheckpointError, OssconvError, OutputExistsError
+from ossconv.formats.layouts import SAFETENSORS_DTYPES, TensorSpec
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+COPY_CHUNK = 1 << 30  # bytes per copy_file_range call
+FALLBACK_CHUNK = 1 << 20  # bytes per read/write where the kernel cannot copy between the two files
+WRITE_CHUNK = 1 << 20
+# dtypes.json tags OpenAI's loader expects for MXFP4 tensors (stored as U8).
+DTYPES_JSON_TAGS = {".blocks": "FP4", ".scales": "UE8"}
+
+
+def _shard_plan(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
+    """Consecutive runs of tensors of at most ``max_shard_size`` bytes (a bigger tensor gets its own shard)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def shard_file_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _encode_header(specs: list[TensorSpec]) -> tuple[bytes, dict[str, int]]:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offsets = {}
+    position = 0
+    for spec in specs:
+        header[spec.name] = {
+            "dtype": SAFETENSORS_DTYPES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [position, position + spec.nbytes],
+        }
+        offsets[spec.name] = position
+        position += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+@dataclass
+class _Slot:
+    spec: TensorSpec
+    shard: int
+    offset: int  # absolute offset of the data in the shard file
+    written: int = 0
+
+
+class CheckpointWriter:
+    """Streams tensors into planned shards inside a temporary folder; :meth:`finish` renames it into place.
+
+    Use as a context manager: leaving the block with an exception removes the temporary folder, so an
+    output folder exists only when it is complete.
+    """
+
+    def __init__(
+        self,
+        out: str | Path,
+        specs: list[TensorSpec],
+        *,
+        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+        overwrite: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ):
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise OutputExistsError(self.out)
+        if self.out.exists() and not self.out.is_dir():
+            raise OssconvError("exists and is not a folder", self.out)
+        self.progress = progress
+        self.temp = self.out.parent / f".{self.out.name}.ossconv-tmp-{os.getpid()}"
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.temp, ignore_errors=True)
+            self.temp.mkdir()
+        except OSError as error:
+            raise OssconvError(f"cannot create the output folder: {error.strerror}", self.out) from None
+        plan = _shard_plan(specs, max_shard_size)
+        self.files = shard_file_names(len(plan))
+        self.slots: dict[str, _Slot] = {}
+        self.headers: list[tuple[bytes, int]] = []
+        for shard, shard_specs in enumerate(plan):
+            header, offsets = _encode_header(shard_specs)
+            self.headers.append((header, sum(s.nbytes for s in shard_specs)))
+            for spec in shard_specs:
+                if spec.name in self.slots:
+                    raise ValueError(f"tensor {spec.name} planned twice")
+                self.slots[spec.name] = _Slot(spec, shard, len(header) + offsets[spec.name])
+        self.fds: dict[int, int] = {}
+        self.kernel_copy = hasattr(os, "copy_file_range")
+        if hasattr(progress, "add_total"):  # a progress bar that can show how much is planned
+            progress.add_total(sum(spec.nbytes for spec in specs))
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+    def _fd(self, shard: int) -> int:
+        if shard not in self.fds:
+            path = self.temp / self.files[shard]
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            header, _ = self.headers[shard]
+            os.pwrite(fd, header, 0)  # no ftruncate to full size: writing into a sparse file is slower here
+            self.fds[shard] = fd
+        return self.fds[shard]
+
+    def _slot(self, name: str, offset: int, nbytes: int) -> _Slot:
+        slot = self.slots[name]
+        if offset < 0 or offset + nbytes > slot.spec.nbytes:
+            raise ValueError(f"write of {nbytes} bytes at {offset} overruns {name} ({slot.spec.nbytes} bytes)")
+        return slot
+
+    def write(self, name: str, tensor: torch.Tensor, offset: int = 0) -> None:
+        """Place ``tensor``'s bytes at byte ``offset`` of the planned tensor ``name`` (0: the whole tensor)."""
+        data = tensor.detach().contiguous()
+        expected = self.slots[name].spec.dtype
+        if data.dtype != expected:
+            raise ValueError(f"{name}: got {data.dtype}, planned {expected}")
+        view = memoryview(data.view(-1).view(torch.uint8).numpy())
+        slot = self._slot(name, offset, len(view))
+        try:
+            fd = self._fd(slot.shard)
+            position = slot.offset + offset
+            while view:  # 1 MiB writes: several times faster than one large write into the page cache
+                count = os.pwrite(fd, view[:WRITE_CHUNK], position)
+                view, position = view[count:], position + count
+        except OSError as error:
+            raise OssconvError(f"cannot write {name}: {error.strerror or error}", self.out) from None
+        self._account(slot, data.numel() * data.element_size())
+
+    def copy(
+        self, name: str, source: TensorInfo, *, start: int = 0, nbytes: int | None = None, offset: int = 0
+    ) -> None:
+        """Copy ``nbytes`` of a source tensor's bytes from byte ``start`` to byte ``offset`` of ``name``,
+        file to file inside the kernel (no Python buffer). Defaults: the whole tensor."""
+        nbytes = source.nbytes - start if nbytes is None else nbytes
+        if start < 0 or start + nbytes > source.nbytes:
+            raise ValueError(f"copy of {nbytes} bytes at {start} overruns {source.name} ({source.nbytes} bytes)")
+        if source.dtype != self.slots[name].spec.dtype:
+            raise ValueError(f"{name}: source is {source.dtype}, planned {self.slots[name].spec.dtype}")
+        slot = self._slot(name, offset, nbytes)
+        try:
+            fd = self._fd(slot.shard)
+            with open(source.file, "rb") as handle:
+                src_pos, dst_pos, left = source.offset + start, slot.offset + offset, nbytes
+                while left:
+                    count = self._copy_range(handle.fileno(), fd, min(left, COPY_CHUNK), src_pos, dst_pos)
+                    if count == 0:
+                        raise CheckpointError(f"file ended inside tensor {source.name}", source.file)
+                    src_pos, dst_pos, left = src_pos + count, dst_pos + count, left - count
+        except OSError as error:
+            raise OssconvError(
+                f"cannot copy {source.name} from {source.file}: {error.strerror or error}", self.out
+            ) from None
+        self._account(slot, nbytes)
+
+    def _copy_range(self, src: int, dst: int, count: int, src_pos: int, dst_pos: int) -> int:
+        """copy_file_range where the kernel and file systems allow it (across file systems they often do
+        not), else a plain read and write of at most COPY_CHUNK bytes."""
+        if self.kernel_copy:
+            try:
+                return os.copy_file_range(src, dst, count, src_pos, dst_pos)
+            except OSError as error:
+                if error.errno not in (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EPERM):
+                    raise
+                self.kernel_copy = False
+        data = os.pread(src, min(count, FALLBACK_CHUNK), src_pos)
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(dst, view, dst_pos)
+            view, dst_pos = view[written:], dst_pos + written
+        return len(data)
+
+    def _account(self, slot: _Slot, nbytes: int) -> None:
+        slot.written += nbytes
+        if self.progress:
+            self.progress(nbytes)
+
+    def finish(self, json_files: dict[str, dict[str, Any]], side_files: list[Path] = ()) -> Path:
+        """Check every planned byte was written, add index/config/side files, and move into place."""
+        incomplete = [s.spec.name for s in self.slots.values() if s.written != s.spec.nbytes]
+        if incomplete:
+            raise RuntimeError(f"{len(incomplete)} tensor(s) not fully written, first {incomplete[0]}")
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+        for shard in range(len(self.files)):  # shards with no tensors are impossible, but keep files consistent
+            if not (self.temp / self.files[shard]).exists():
+                self._fd(shard)
+                os.close(self.fds.pop(shard))
+        if len(self.files) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.spec.nbytes for s in self.slots.values())},
+                "weight_map": {name: self.files[s.shard] for name, s in self.slots.items()},
+            }
+            json_files = {INDEX_NAME: index, **json_files}
+        for filename, value in json_files.items():
+            (self.temp / filename).write_text(json.dumps(value, indent=2) + "\n")
+        for side in side_files:
+            shutil.copyfile(side, self.temp / side.name)
+        if self.out.exists():
+            old = self.out.parent / f".{self.out.name}.ossconv-old-{os.getpid()}"
+            os.rename(self.out, old)
+            os.rename(self.temp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.temp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds = {}
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
+def dtypes_json(specs: list[TensorSpec]) -> dict[str, str]:
+    """OpenAI's ``dtypes.json``: FP4/UE8 for MXFP4 blocks/scales, the safetensors dtype otherwise."""
+    tags = {}
+    for spec in specs:
+        suffix = next((s for s in DTYPES_JSON_TAGS if spec.name.endswith(s)), None)
+        tags[spec.name] = DTYPES_JSON_TAGS[suffix] if suffix else SAFETENSORS_DTYPES[spec.dtype]
+    return tags
+
+
+def check_output_apart(source: Path, out: Path) -> None:
+    """Refuse an output that is, or lies inside, or contains the source folder."""
+    src, dst = source.resolve(), out.resolve()
+    if src == dst or src in dst.parents or dst in src.parents:
+        raise OssconvError(f"output must not overlap the source checkpoint {source}", out)
