@@ -274,3 +274,21 @@ def test_docstring_examples():
     import doctest
 
     assert doctest.testmod(mxfp4).failed == 0
+
+
+def test_large_tensors_split_across_threads_give_the_same_bytes_and_errors():
+    g = torch.Generator().manual_seed(9)
+    rows = 3 * mxfp4._CHUNK_BLOCKS + 123  # several chunks: the work is split over threads
+    blocks = torch.randint(0, 256, (rows, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(100, 140, (rows,), generator=g, dtype=torch.uint8)
+    whole = mxfp4.decode(blocks, scales)
+    pieces = torch.cat([mxfp4.decode(blocks[i : i + 1000], scales[i : i + 1000]) for i in range(0, rows, 1000)])
+    assert torch.equal(bits(whole), bits(pieces))
+    x = whole.view(rows, 32)
+    encoded = mxfp4.encode(x)
+    for i in range(0, rows, 5000):
+        part = mxfp4.encode(x[i : i + 5000])
+        assert torch.equal(encoded[0][i : i + 5000], part[0]) and torch.equal(encoded[1][i : i + 5000], part[1])
+    x[rows - 2, 7] = float("nan")
+    with pytest.raises(mxfp4.NonFiniteError, match=rf"first at flat index {(rows - 2) * 32 + 7}\)"):
+        mxfp4.encode(x)

@@ -38,6 +38,8 @@ tests check that both paths agree bit for bit.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
 import torch
@@ -81,6 +83,31 @@ def fp4_code(value: Fraction) -> int:
         if d < d_best or (d == d_best and code % 2 == 0):
             best = code
     return best
+
+
+# ---------------------------------------------------------------------------------------------- threads
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _in_parallel(work: Callable[[int, int], None], blocks: int) -> None:
+    """Run ``work(first, last)`` over contiguous ranges of ``blocks``, one per torch thread.
+
+    torch's own intra-op threads barely help the gathers here (1 thread 0.43 s, 2 threads 0.38 s for 2/3 of
+    a 20b layer); two ranges on two Python threads (torch releases the GIL) take 0.26 s. The first error by
+    position is raised.
+    """
+    global _POOL
+    workers = max(1, torch.get_num_threads())
+    if workers == 1 or blocks < 2 * _CHUNK_BLOCKS:
+        work(0, blocks)
+        return
+    if _POOL is None or _POOL._max_workers != workers:
+        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="ossconv-mxfp4")
+    bounds = [blocks * i // workers for i in range(workers + 1)]
+    futures = [_POOL.submit(work, bounds[i], bounds[i + 1]) for i in range(workers)]
+    for future in futures:  # in order: the first failing range's error wins
+        future.result()
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -140,13 +167,16 @@ def decode(
     flat_blocks = blocks.reshape(-1, BYTES_PER_BLOCK)
     flat_scales = scales.reshape(-1)
     flat_out = out.view(-1).view(table.dtype)  # one table entry per byte
-    n = flat_scales.numel()
-    index = torch.empty((min(n, _CHUNK_BLOCKS), BYTES_PER_BLOCK), dtype=torch.int32)  # reused: no page faults
-    for start in range(0, n, _CHUNK_BLOCKS):
-        stop = min(n, start + _CHUNK_BLOCKS)
-        rows = index[: stop - start]
-        torch.add(flat_blocks[start:stop], (flat_scales[start:stop].to(torch.int32) << 8).unsqueeze(-1), out=rows)
-        torch.index_select(table, 0, rows.view(-1), out=flat_out[start * BYTES_PER_BLOCK : stop * BYTES_PER_BLOCK])
+
+    def decode_range(first: int, last: int) -> None:
+        index = torch.empty((min(last - first, _CHUNK_BLOCKS), BYTES_PER_BLOCK), dtype=torch.int32)  # reused
+        for start in range(first, last, _CHUNK_BLOCKS):
+            stop = min(last, start + _CHUNK_BLOCKS)
+            rows = index[: stop - start]
+            torch.add(flat_blocks[start:stop], (flat_scales[start:stop].to(torch.int32) << 8).unsqueeze(-1), out=rows)
+            torch.index_select(table, 0, rows.view(-1), out=flat_out[start * BYTES_PER_BLOCK : stop * BYTES_PER_BLOCK])
+
+    _in_parallel(decode_range, flat_scales.numel())
     return out
 
 
@@ -292,13 +322,16 @@ def encode(
     flat_blocks = blocks_out.view(-1, BYTES_PER_BLOCK)
     flat_scales = scales_out.view(-1)
     encode_chunk = _encode_bf16 if x.dtype == torch.bfloat16 else _encode_fp32
-    n = flat_x.shape[0]
-    for start in range(0, n, _CHUNK_BLOCKS):
-        stop = min(n, start + _CHUNK_BLOCKS)
-        try:
-            encode_chunk(flat_x[start:stop], rule, flat_blocks[start:stop], flat_scales[start:stop])
-        except NonFiniteError as error:
-            raise NonFiniteError(error.count, start * BLOCK_SIZE + error.first_index) from None
+
+    def encode_range(first: int, last: int) -> None:
+        for start in range(first, last, _CHUNK_BLOCKS):
+            stop = min(last, start + _CHUNK_BLOCKS)
+            try:
+                encode_chunk(flat_x[start:stop], rule, flat_blocks[start:stop], flat_scales[start:stop])
+            except NonFiniteError as error:
+                raise NonFiniteError(error.count, start * BLOCK_SIZE + error.first_index) from None
+
+    _in_parallel(encode_range, flat_x.shape[0])
     return blocks_out, scales_out
 
 
