@@ -55,7 +55,9 @@ def test_unpack_keeps_layout_and_other_tensors(layout, dtype, checkpoints, tmp_p
     assert (b.layout, b.precision) == (layout, dtype)
     assert_same_non_expert_bytes(a, b)
     if layout == "hf":
-        assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())
+        config = json.loads((tmp_path / "out" / "config.json").read_text())
+        assert "quantization_config" not in config
+        assert config["torch_dtype"] == ("float32" if dtype == "fp32" else "bfloat16")
     else:
         dtypes = json.loads((tmp_path / "out" / "dtypes.json").read_text())
         assert dtypes["block.0.mlp.mlp1_weight"] == {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}[dtype]

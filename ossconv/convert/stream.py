@@ -241,6 +241,10 @@ def config_files(ckpt: Checkpoint, layout: str, experts: str | torch.dtype, spec
     config.pop("quantization_config", None)
     if experts == MXFP4:
         config["quantization_config"] = ckpt.config.to_hf(mxfp4=True)["quantization_config"]
+    else:
+        dense = ckpt.tensors[next(iter(ckpt.tensors))].dtype
+        if experts.itemsize > dense.itemsize:  # loading in torch_dtype must not round the experts
+            config["torch_dtype"] = TORCH_DTYPE_NAMES[experts]
     return {CONFIG_NAME: config}
 
 
