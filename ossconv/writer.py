@@ -99,26 +99,26 @@ class CheckpointWriter:
         if self.out.exists() and not self.out.is_dir():
             raise OssconvError("exists and is not a folder", self.out)
         self.progress = progress
-        self.temp = self.out.parent / f".{self.out.name}.ossconv-tmp-{os.getpid()}"
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(self.temp, ignore_errors=True)
-            self.temp.mkdir()
-        except OSError as error:
-            raise OssconvError(f"cannot create the output folder: {error.strerror}", self.out) from None
         plan = _shard_plan(specs, max_shard_size)
         self.files = shard_file_names(len(plan))
         self.slots: dict[str, _Slot] = {}
-        self.headers: list[tuple[bytes, int]] = []
+        self.headers: list[bytes] = []
         for shard, shard_specs in enumerate(plan):
             header, offsets = _encode_header(shard_specs)
-            self.headers.append((header, sum(s.nbytes for s in shard_specs)))
+            self.headers.append(header)
             for spec in shard_specs:
                 if spec.name in self.slots:
                     raise ValueError(f"tensor {spec.name} planned twice")
                 self.slots[spec.name] = _Slot(spec, shard, len(header) + offsets[spec.name])
         self.fds: dict[int, int] = {}
         self.kernel_copy = hasattr(os, "copy_file_range")
+        self.temp = self.out.parent / f".{self.out.name}.ossconv-tmp-{os.getpid()}"
+        try:  # last, so that nothing before can fail and leave it behind
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.temp, ignore_errors=True)
+            self.temp.mkdir()
+        except OSError as error:
+            raise OssconvError(f"cannot create the output folder: {error.strerror}", self.out) from None
         if hasattr(progress, "add_total"):  # a progress bar that can show how much is planned
             progress.add_total(sum(spec.nbytes for spec in specs))
 
@@ -133,8 +133,7 @@ class CheckpointWriter:
         if shard not in self.fds:
             path = self.temp / self.files[shard]
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            header, _ = self.headers[shard]
-            os.pwrite(fd, header, 0)  # no ftruncate to full size: writing into a sparse file is slower here
+            os.pwrite(fd, self.headers[shard], 0)  # no ftruncate to full size: sparse files write slower here
             self.fds[shard] = fd
         return self.fds[shard]
 
