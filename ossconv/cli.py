@@ -134,7 +134,6 @@ def cli() -> None:
       ossconv convert gpt-oss-20b/original gpt-oss-20b-hf --to hf --dtype bf16
       ossconv verify gpt-oss-20b/original gpt-oss-20b-hf
       ossconv reshard gpt-oss-120b/original gpt-oss-120b-ep4 --ep-ranks 4
-      ossconv convert gpt-oss-20b/original gpt-oss-20b-hf --to hf --dtype bf16
     """
 
 
