@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ossconv.errors import CheckpointError, OssconvError
-from ossconv.formats import layouts
+from ossconv.formats import layouts, mxfp4
 from ossconv.formats.config import ModelConfig
 from ossconv.formats.layouts import MXFP4, TORCH_DTYPES, TensorSpec
 
@@ -113,7 +113,8 @@ def _tensor_infos(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def _inside(folder: Path, candidate: Path) -> bool:
+def inside_folder(folder: Path, candidate: Path) -> bool:
+    """Whether ``candidate`` exists and, symlinks resolved, lies inside ``folder``."""
     try:
         candidate.resolve(strict=True).relative_to(folder.resolve())
     except (FileNotFoundError, ValueError, OSError):
@@ -137,8 +138,8 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
         files = []
         for relative in dict.fromkeys(weight_map.values()):
             candidate = folder / relative
-            if Path(relative).is_absolute() or not _inside(folder, candidate):
-                if not candidate.exists() and _inside(folder, candidate.parent):
+            if Path(relative).is_absolute() or not inside_folder(folder, candidate):
+                if not candidate.exists() and inside_folder(folder, candidate.parent):
                     raise CheckpointError(f"the index names {relative!r}, which does not exist", index_path)
                 raise CheckpointError(f"the index points outside the checkpoint folder: {relative!r}", index_path)
             files.append(candidate)
@@ -154,7 +155,7 @@ def _weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
             )
         raise CheckpointError("no .safetensors files in this folder", folder)
     for file in files:
-        if not _inside(folder, file):
+        if not inside_folder(folder, file):
             raise CheckpointError("symlink points outside the checkpoint folder", file)
     return files, None
 
@@ -218,6 +219,21 @@ class Checkpoint:
             return torch.stack(rows)
         with _open_file(info.file) as handle:
             return handle.get_slice(name)[start:stop]
+
+    def get_expert(
+        self, weight: layouts.ExpertWeight, expert: int, dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One expert's weight as ``[out, in]`` of ``dtype``: MXFP4 decoded, HF's ``[in, out]`` floats
+        un-transposed. ``out`` (a contiguous ``[out, in]`` buffer) is filled and returned when given."""
+        if weight.blocks in self.tensors:
+            blocks = self.get_rows(weight.blocks, expert)[0]
+            scales = self.get_rows(weight.scales, expert)[0]
+            return mxfp4.decode(blocks, scales, dtype, out=out)
+        matrix = self.get_rows(weight.float_name, expert)[0]
+        matrix = matrix.T if weight.transposed else matrix
+        if out is None:
+            return matrix.to(dtype).contiguous()
+        return out.copy_(matrix)
 
     def _piece(self, name: str, expert: int) -> TensorInfo:
         try:
@@ -326,7 +342,7 @@ def rank_folders(folder: Path) -> list[Path] | None:
         candidate = folder / relative
         if not candidate.is_dir():
             raise CheckpointError(f"rank folder {relative} is missing", folder)
-        if not _inside(folder, candidate):
+        if not inside_folder(folder, candidate):
             raise CheckpointError(f"the manifest points outside the checkpoint folder: {relative!r}", manifest_path)
         folders.append(candidate)
     return folders
@@ -390,7 +406,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(problems[0], config_path)
     pieces = _fuse_split_experts(tensors, config, folder)
     ordered = {name: tensors[name] for name in sorted(tensors, key=layouts.order_key)}
-    side = sorted(p for p in home.iterdir() if p.is_file() and SIDE_FILE_PATTERN.fullmatch(p.name) and _inside(home, p))
+    side = sorted(
+        p for p in home.iterdir() if p.is_file() and SIDE_FILE_PATTERN.fullmatch(p.name) and inside_folder(home, p)
+    )
     return Checkpoint(folder, layout, config, raw_config, ordered, side, pieces, config_path)
 
 

@@ -19,7 +19,7 @@ from ossconv.checkpoint import Checkpoint, open_checkpoint
 from ossconv.convert.layout import convert
 from ossconv.convert.precision import pack, unpack
 from ossconv.convert.reshard import merge, reshard
-from ossconv.formats import layouts, mxfp4
+from ossconv.formats import layouts
 from ossconv.inspection import inspect_checkpoint
 from ossconv.verify.lockstep import verify
 
@@ -53,7 +53,7 @@ def same_expert_values(a: Checkpoint, b: Checkpoint) -> tuple[bool, str]:
     for wa, wb in zip(weights_a, weights_b, strict=True):
         expert_names |= {wa.blocks, wa.scales, wa.float_name}
         for expert in range(wa.num_experts):
-            va, vb = _expert_fp32(a, wa, expert), _expert_fp32(b, wb, expert)
+            va, vb = a.get_expert(wa, expert, torch.float32), b.get_expert(wb, expert, torch.float32)
             if not torch.equal(va.view(torch.int32), vb.view(torch.int32)):
                 return False, f"{wa.float_name} expert {expert} differs"
     others = [n for n in a.tensors if n not in expert_names]
@@ -65,15 +65,6 @@ def same_expert_values(a: Checkpoint, b: Checkpoint) -> tuple[bool, str]:
 
 def _bytes(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().view(-1).view(torch.uint8)
-
-
-def _expert_fp32(ckpt: Checkpoint, weight: layouts.ExpertWeight, expert: int) -> torch.Tensor:
-    if weight.blocks in ckpt.tensors:
-        return mxfp4.decode(
-            ckpt.get_rows(weight.blocks, expert)[0], ckpt.get_rows(weight.scales, expert)[0], torch.float32
-        )
-    matrix = ckpt.get_rows(weight.float_name, expert)[0].to(torch.float32)
-    return matrix.T.contiguous() if weight.transposed else matrix
 
 
 def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] | None = None) -> DemoResult:

@@ -73,15 +73,8 @@ def expert_float_slices(ckpt: Checkpoint, weight: ExpertWeight, dtype: torch.dty
     The yielded tensor is a reused buffer: consume it before asking for the next one.
     """
     buffer = torch.empty((weight.out_features, weight.in_features), dtype=dtype)
-    packed = weight.blocks in ckpt.tensors
     for expert in range(weight.num_experts):
-        if packed:
-            blocks = ckpt.get_rows(weight.blocks, expert)[0]
-            scales = ckpt.get_rows(weight.scales, expert)[0]
-            yield mxfp4.decode(blocks, scales, dtype, out=buffer)
-        else:
-            matrix = ckpt.get_rows(weight.float_name, expert)[0]
-            yield buffer.copy_(matrix.T if weight.transposed else matrix)
+        yield ckpt.get_expert(weight, expert, dtype, out=buffer)
 
 
 def write_expert_weight(

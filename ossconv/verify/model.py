@@ -22,7 +22,7 @@ import math
 import torch
 
 from ossconv.checkpoint import Checkpoint
-from ossconv.formats import layouts, mxfp4
+from ossconv.formats import layouts
 from ossconv.formats.config import ModelConfig
 
 RMS_NORM_EPS = 1e-5
@@ -46,13 +46,7 @@ class WeightReader:
 
     def expert(self, layer: int, proj: str, expert: int) -> torch.Tensor:
         """One expert's ``[out, in]`` weight of ``mlp1`` (gate/up interleaved rows) or ``mlp2``."""
-        weight = self._experts[(layer, proj)]
-        if weight.blocks in self.ckpt.tensors:
-            blocks = self.ckpt.get_rows(weight.blocks, expert)[0]
-            scales = self.ckpt.get_rows(weight.scales, expert)[0]
-            return mxfp4.decode(blocks, scales, torch.float32)
-        matrix = self.ckpt.get_rows(weight.float_name, expert)[0].to(torch.float32)
-        return matrix.T.contiguous() if weight.transposed else matrix
+        return self.ckpt.get_expert(self._experts[(layer, proj)], expert, torch.float32)
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
