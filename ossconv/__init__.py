@@ -6,41 +6,58 @@ The library offers what the command line does, as functions that return data:
     >>> ossconv.unpack("gpt-oss-20b/original", "gpt-oss-20b-bf16", dtype="bf16")  # doctest: +SKIP
     >>> ossconv.inspect_checkpoint("gpt-oss-20b-bf16").problems  # doctest: +SKIP
     []
+
+Names are imported on first use, so ``import ossconv`` (and ``ossconv --help``) does not load torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from ossconv.checkpoint import Checkpoint, open_checkpoint  # noqa: E402
-from ossconv.convert.layout import convert  # noqa: E402
-from ossconv.convert.precision import pack, unpack  # noqa: E402
-from ossconv.convert.reshard import merge, reshard  # noqa: E402
-from ossconv.convert.stream import ConversionResult  # noqa: E402
-from ossconv.errors import CheckpointError, OssconvError  # noqa: E402
-from ossconv.formats.config import ModelConfig  # noqa: E402
-from ossconv.formats.mxfp4 import decode, encode  # noqa: E402
-from ossconv.hub import download  # noqa: E402
-from ossconv.inspection import InspectReport, inspect_checkpoint  # noqa: E402
-from ossconv.verify.lockstep import VerifyReport, verify  # noqa: E402
-from ossconv.writer import CheckpointWriter
+# public name -> the module that defines it
+_EXPORTS = {
+    "Checkpoint": "ossconv.checkpoint",
+    "open_checkpoint": "ossconv.checkpoint",
+    "convert": "ossconv.convert.layout",
+    "pack": "ossconv.convert.precision",
+    "unpack": "ossconv.convert.precision",
+    "reshard": "ossconv.convert.reshard",
+    "merge": "ossconv.expert_parallel",
+    "ConversionResult": "ossconv.convert.target",
+    "Target": "ossconv.convert.target",
+    "WriteOptions": "ossconv.convert.target",
+    "ExpertForm": "ossconv.convert.target",
+    "plan": "ossconv.convert.plan",
+    "execute": "ossconv.convert.execute",
+    "CheckpointError": "ossconv.errors",
+    "OssconvError": "ossconv.errors",
+    "ModelConfig": "ossconv.formats.config",
+    "Precision": "ossconv.formats.precision",
+    "decode": "ossconv.formats.mxfp4",
+    "encode": "ossconv.formats.mxfp4",
+    "download": "ossconv.hub",
+    "InspectReport": "ossconv.inspection",
+    "inspect_checkpoint": "ossconv.inspection",
+    "Problem": "ossconv.problems",
+    "VerifyReport": "ossconv.verify.lockstep",
+    "verify": "ossconv.verify.lockstep",
+    "CheckpointWriter": "ossconv.writer",
+}
+__all__ = sorted(_EXPORTS)
 
-__all__ = [
-    "Checkpoint",
-    "CheckpointError",
-    "CheckpointWriter",
-    "ConversionResult",
-    "InspectReport",
-    "ModelConfig",
-    "convert",
-    "OssconvError",
-    "decode",
-    "download",
-    "merge",
-    "reshard",
-    "encode",
-    "inspect_checkpoint",
-    "open_checkpoint",
-    "pack",
-    "unpack",
-    "verify",
-    "VerifyReport",
-]
+# The subpackage ossconv.convert would otherwise bind the name ``convert`` to itself the first time any of its
+# modules is imported, hiding the function; loading it now (it is empty) and unbinding leaves the name to
+# __getattr__ below for good.
+importlib.import_module("ossconv.convert")
+del globals()["convert"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ossconv' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

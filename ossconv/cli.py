@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from ossconv import __version__, render
 from ossconv.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_DIFFER, EXIT_OK, OssconvError
+from ossconv.units import DEFAULT_MAX_SHARD_SIZE_TEXT, parse_size
 
 DEBUG_ENV = "OSSCONV_DEBUG"
 
@@ -42,16 +43,17 @@ class Output:
         elif not self.quiet:
             render()
 
-    def progress(self, description: str) -> ByteProgress:
-        """A byte progress bar on stderr, shown only on a terminal and never with --json or --quiet."""
+    def progress(self, description: str, unit: str = "B") -> BarProgress:
+        """A progress bar on stderr, shown only on a terminal and never with --json or --quiet."""
         disable = self.as_json or self.quiet or not sys.stderr.isatty()
-        return ByteProgress(
-            tqdm(total=0, desc=description, unit="B", unit_scale=True, disable=disable, file=sys.stderr, leave=False)
+        bar = tqdm(
+            total=0, desc=description, unit=unit, unit_scale=unit == "B", disable=disable, file=sys.stderr, leave=False
         )
+        return BarProgress(bar)
 
 
-class ByteProgress:
-    """The library's progress callback: called with bytes done; ``add_total`` announces bytes planned."""
+class BarProgress:
+    """A tqdm bar as the library's :class:`ossconv.progress.Progress`."""
 
     def __init__(self, bar: tqdm):
         self.bar = bar
@@ -63,7 +65,7 @@ class ByteProgress:
         self.bar.total = (self.bar.total or 0) + count
         self.bar.refresh()
 
-    def __enter__(self) -> ByteProgress:
+    def __enter__(self) -> BarProgress:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -83,7 +85,10 @@ def output_options(function: Callable) -> Callable:
 def write_options(function: Callable) -> Callable:
     @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
     @click.option(
-        "--max-shard-size", default="5GB", show_default=True, help="Largest shard file, e.g. 500MB, 5GB, 2GiB."
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE_TEXT,
+        show_default=True,
+        help="Largest shard file, e.g. 500MB, 5GB, 2GiB.",
     )
     @functools.wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -92,27 +97,12 @@ def write_options(function: Callable) -> Callable:
     return wrapper
 
 
-def _render_conversion(out: Output, result: Any) -> None:
-    out.result(
-        result.to_dict(),
-        lambda: click.echo(
-            f"{result.command}: {result.source} ({result.source_layout}, {result.source_precision}) -> "
-            f"{result.output} ({result.layout}, {result.precision}): "
-            f"{result.tensors} tensors in {result.files} file(s), "
-            f"{result.bytes_written / 1e9:.3f} GB in {result.seconds:.1f} s"
-        ),
-    )
-
-
-def _write(
-    out: Output, label: str, run: Callable, checkpoint: str, *args: Any, max_shard_size: str, **kwargs: Any
-) -> int:
-    """Run a command that writes a checkpoint, with a byte progress bar, and print its result."""
-    from ossconv.checkpoint import parse_size
-
-    with out.progress(label) as progress:
-        result = run(checkpoint, *args, max_shard_size=parse_size(max_shard_size), progress=progress, **kwargs)
-    _render_conversion(out, result)
+def _write(ui: Output, label: str, run: Callable[..., Any], **kwargs: Any) -> int:
+    """Run a library function that writes a checkpoint (by keyword), with a byte progress bar; print its result."""
+    kwargs["max_shard_size"] = parse_size(kwargs["max_shard_size"])
+    with ui.progress(label) as progress:
+        result = run(**kwargs, progress=progress)
+    ui.result(result.to_dict(), lambda: render.conversion_text(result))
     return EXIT_OK
 
 
@@ -167,18 +157,7 @@ def download(repo: str, layout: str, revision: str | None, folder: str | None, t
 
     with out.progress("download") as progress:
         result = run(repo, layout=layout, revision=revision, out=folder, token=token, progress=progress)
-
-    def render() -> None:
-        fetched = sum(1 for f in result.files if f.action == "downloaded")
-        click.echo(
-            f"{result.repo}@{result.commit[:12]} ({result.layout}): {len(result.files)} files in "
-            f"{result.folder}, {fetched} downloaded ({result.bytes_downloaded / 1e9:.3f} GB), "
-            f"{len(result.files) - fetched} already verified, every sha256 checked, {result.seconds:.1f} s"
-        )
-        for step in result.next_steps:
-            click.echo(f"  next: {step}")
-
-    out.result(result.to_dict(), render)
+    out.result(result.to_dict(), lambda: render.download_text(result))
     return EXIT_OK
 
 
@@ -217,7 +196,9 @@ def unpack(checkpoint: str, output: str, dtype: str, overwrite: bool, max_shard_
     """
     from ossconv.convert.precision import unpack as run
 
-    return _write(out, "unpack", run, checkpoint, output, dtype, overwrite=overwrite, max_shard_size=max_shard_size)
+    return _write(
+        out, "unpack", run, src=checkpoint, out=output, dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size
+    )
 
 
 @cli.command()
@@ -240,7 +221,9 @@ def pack(checkpoint: str, output: str, rule: str, overwrite: bool, max_shard_siz
     """
     from ossconv.convert.precision import pack as run
 
-    return _write(out, "pack", run, checkpoint, output, rule, overwrite=overwrite, max_shard_size=max_shard_size)
+    return _write(
+        out, "pack", run, src=checkpoint, out=output, rule=rule, overwrite=overwrite, max_shard_size=max_shard_size
+    )
 
 
 @cli.command()
@@ -294,7 +277,16 @@ def convert(
     from ossconv.convert.layout import convert as run
 
     return _write(
-        out, "convert", run, checkpoint, output, layout, dtype, rule, overwrite=overwrite, max_shard_size=max_shard_size
+        out,
+        "convert",
+        run,
+        src=checkpoint,
+        out=output,
+        to=layout,
+        dtype=dtype,
+        rule=rule,
+        overwrite=overwrite,
+        max_shard_size=max_shard_size,
     )
 
 
@@ -342,24 +334,15 @@ def reshard(
       ossconv reshard gpt-oss-120b/original gpt-oss-120b-ep4 --ep-ranks 4
       ossconv reshard --merge gpt-oss-120b-ep4 gpt-oss-120b-again
     """
-    from ossconv.checkpoint import parse_size
-    from ossconv.convert import reshard as run
+    from ossconv.convert.reshard import reshard as run_reshard
+    from ossconv.expert_parallel import merge as run_merge
 
     if merge_ranks and (ep_ranks is not None or experts == "split"):
         raise click.UsageError("--merge puts experts back together; it takes neither --ep-ranks nor --experts split.")
-    if ep_ranks is not None and experts == "fused":
-        raise click.UsageError("Expert-parallel ranks hold split experts; drop --experts fused.")
-    options = dict(overwrite=overwrite, max_shard_size=parse_size(max_shard_size))
-    with out.progress("reshard") as progress:
-        if merge_ranks:
-            result = run.merge(checkpoint, output, progress=progress, **options)
-        else:
-            result = run.reshard(checkpoint, output, experts=experts, ep_ranks=ep_ranks, progress=progress, **options)
-    _render_conversion(out, result)
-    if not out.as_json and not out.quiet:
-        for rank in result.details.get("ranks", []):
-            click.echo(f"  {rank['folder']}: experts {rank['experts'][0]}-{rank['experts'][1] - 1}")
-    return EXIT_OK
+    options = dict(src=checkpoint, out=output, overwrite=overwrite, max_shard_size=max_shard_size)
+    if merge_ranks:
+        return _write(out, "merge", run_merge, **options)
+    return _write(out, "reshard", run_reshard, experts=experts, ep_ranks=ep_ranks, **options)
 
 
 @cli.command()
@@ -418,69 +401,27 @@ def verify(
       ossconv verify gpt-oss-20b/original gpt-oss-20b-hf
       ossconv verify original converted --exact --report verify.json
     """
-    from pathlib import Path
+    from ossconv.verify.lockstep import parse_tokens
+    from ossconv.verify.lockstep import verify as run
 
-    from ossconv.verify import lockstep
-
-    if sum(x is not None for x in (tokens, prompt_tokens, num_tokens)) > 1:
-        raise click.UsageError("Choose one of --tokens, --prompt-tokens and --num-tokens.")
-    if exact and (atol is not None or kl_max is not None):
-        raise click.UsageError("Choose either --exact or --atol/--kl-max, not both.")
-    for target in (report_path, save_logits):
-        if target and Path(target).exists() and not overwrite:
-            raise OssconvError("already exists; pass --overwrite to replace it", target)
-    from ossconv.checkpoint import open_checkpoint
-
-    config = open_checkpoint(a).config
-    ids = None
-    if tokens is not None:
-        ids = lockstep.parse_tokens(tokens)
-    elif prompt_tokens is not None:
-        try:
-            text = Path(prompt_tokens).read_text()
-        except OSError as error:
-            raise OssconvError(f"cannot read: {error.strerror}", prompt_tokens) from None
-        ids = lockstep.parse_tokens(text, prompt_tokens)
-    elif num_tokens is not None:
-        ids = lockstep.random_tokens(config.vocab_size, num_tokens, seed)
-    layers = config.num_hidden_layers
-    bar = tqdm(
-        total=layers + 1,
-        desc="verify",
-        unit="layer",
-        leave=False,
-        file=sys.stderr,
-        disable=out.as_json or out.quiet or not sys.stderr.isatty(),
-    )
-    with bar:
-        report, logits_a, logits_b = lockstep.verify(
+    with out.progress("verify", unit="layer") as progress:
+        report = run(
             a,
             b,
-            ids,
+            parse_tokens(tokens) if tokens is not None else None,
+            prompt_tokens=prompt_tokens,
+            num_tokens=num_tokens,
+            seed=seed,
             exact=exact,
-            atol=lockstep.DEFAULT_ATOL if atol is None else atol,
-            kl_max=lockstep.DEFAULT_KL_MAX if kl_max is None else kl_max,
-            on_layer=lambda _: bar.update(1),
+            atol=atol,
+            kl_max=kl_max,
+            report=report_path,
+            save_logits=save_logits,
+            overwrite=overwrite,
+            progress=progress,
         )
-    document = report.to_dict()
-    if report_path:
-        _write_atomically(Path(report_path), (json.dumps(document, indent=2) + "\n").encode())
-    if save_logits:
-        from safetensors.torch import save
-
-        _write_atomically(Path(save_logits), save({"a": logits_a.contiguous(), "b": logits_b.contiguous()}))
-    out.result(document, lambda: render.verify_text(report))
+    out.result(report.to_dict(), lambda: render.verify_text(report))
     return EXIT_OK if report.same else EXIT_DIFFER
-
-
-def _write_atomically(path: Any, data: bytes) -> None:
-    temp = path.with_name(f".{path.name}.ossconv-tmp-{os.getpid()}")
-    try:
-        temp.write_bytes(data)
-        os.replace(temp, path)
-    except OSError as error:
-        temp.unlink(missing_ok=True)
-        raise OssconvError(f"cannot write: {error.strerror}", path) from None
 
 
 @cli.command()
@@ -501,18 +442,7 @@ def demo(folder: str | None, out: Output) -> int:
             click.echo(f"  {'ok ' if step.ok else 'FAIL'} {step.step}", err=True)
 
     result = run_demo(folder, log=log)
-
-    def render() -> None:
-        width = max(len(s.step) for s in result.steps)
-        click.echo(f"{'step':<{width}}  result  {'time':>7}  detail")
-        for s in result.steps:
-            click.echo(f"{s.step:<{width}}  {'ok' if s.ok else 'FAILED':<6}  {s.seconds:6.2f}s  {s.detail}")
-        click.echo(
-            f"\n{'all steps passed' if result.ok else 'some steps FAILED'}"
-            + (f"; checkpoints kept in {result.folder}" if folder else "")
-        )
-
-    out.result(result.to_dict(), render)
+    out.result(result.to_dict(), lambda: render.demo_text(result, kept=folder is not None))
     return EXIT_OK if result.ok else EXIT_DIFFER
 
 

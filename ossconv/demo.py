@@ -18,7 +18,8 @@ from ossconv import synthetic
 from ossconv.checkpoint import Checkpoint, open_checkpoint
 from ossconv.convert.layout import convert
 from ossconv.convert.precision import pack, unpack
-from ossconv.convert.reshard import merge, reshard
+from ossconv.convert.reshard import reshard
+from ossconv.expert_parallel import merge
 from ossconv.formats import layouts
 from ossconv.inspection import inspect_checkpoint
 from ossconv.verify.lockstep import verify
@@ -47,11 +48,10 @@ class DemoResult:
 
 def same_expert_values(a: Checkpoint, b: Checkpoint) -> tuple[bool, str]:
     """True when both hold the same expert values (decoded to fp32) and byte-identical other tensors."""
-    weights_a = layouts.expert_weights(a.layout, a.config)
-    weights_b = layouts.expert_weights(b.layout, b.config)
+    weights_a, weights_b = a.expert_weights, b.expert_weights
     expert_names = set()
     for wa, wb in zip(weights_a, weights_b, strict=True):
-        expert_names |= {wa.blocks, wa.scales, wa.float_name}
+        expert_names |= set(wa.stored_names())
         for expert in range(wa.num_experts):
             va, vb = a.get_expert(wa, expert, torch.float32), b.get_expert(wb, expert, torch.float32)
             if not torch.equal(va.view(torch.int32), vb.view(torch.int32)):
@@ -96,14 +96,15 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
         report = inspect_checkpoint(path(f"{layout}-mxfp4"))
         blocks = sum(s.blocks for s in report.mxfp4)
         detail = f"{report.layout}/{report.precision}, {len(report.tensors)} tensors, {blocks} MXFP4 blocks"
-        return not report.problems, detail + (f"; problems: {report.problems[:2]}" if report.problems else "")
+        problems = "; ".join(p.message for p in report.problems[:2])
+        return not report.problems, detail + (f"; problems: {problems}" if problems else "")
 
     def do_unpack(layout: str) -> tuple[bool, str]:
-        result = unpack(path(f"{layout}-mxfp4"), path(f"{layout}-bf16"), "bf16", overwrite=True)
+        result = unpack(path(f"{layout}-mxfp4"), path(f"{layout}-bf16"), dtype="bf16", overwrite=True)
         return True, f"{result.bytes_written / 1e6:.2f} MB written"
 
     def do_pack(layout: str) -> tuple[bool, str]:
-        result = pack(path(f"{layout}-bf16"), path(f"{layout}-repacked"), "up", overwrite=True)
+        result = pack(path(f"{layout}-bf16"), path(f"{layout}-repacked"), rule="up", overwrite=True)
         return True, f"{result.bytes_written / 1e6:.2f} MB written"
 
     def check(layout: str) -> tuple[bool, str]:
@@ -123,7 +124,7 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
         return True, f"all {len(first.tensors)} tensors byte-identical"
 
     def do_verify(a: str, b: str) -> tuple[bool, str]:
-        report, _, _ = verify(path(a), path(b), exact=True)
+        report = verify(path(a), path(b), exact=True)
         if report.same:
             return True, f"{b} vs {a}: embedding, {len(report.states) - 1} layers and logits bit-identical"
         return False, f"{b} vs {a}: differ from layer {report.first_divergent_layer}"

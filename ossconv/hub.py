@@ -27,12 +27,12 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ossconv.errors import OssconvError
+from ossconv.progress import NoProgress, Progress
 
 LAYOUT_CHOICES = ("openai", "hf", "metal", "all")
 RECORD = Path(".cache") / "ossconv" / "verified.json"
@@ -182,6 +182,21 @@ def _hub_error(error: Exception, repo: str, revision: str | None, endpoint: str)
     return OssconvError(f"cannot reach {endpoint}: {type(error).__name__}: {str(error).splitlines()[0]}")
 
 
+def _transfer_errors() -> tuple[type[BaseException], ...]:
+    """What the Hub or the network can raise: bad input for the user. Anything else is our bug (exit 3)."""
+    import huggingface_hub.errors as hub_errors
+
+    found: list[type[BaseException]] = [OSError, hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError]
+    found += [hub_errors.HFValidationError, hub_errors.FileMetadataError]
+    for module in ("httpx2", "httpx", "requests"):  # the HTTP client huggingface_hub uses
+        try:
+            client = __import__(module)
+        except ImportError:
+            continue
+        found += [getattr(client, name) for name in ("HTTPError", "RequestException") if hasattr(client, name)]
+    return tuple(found)
+
+
 def _list_files(api: Any, repo: str, revision: str | None) -> tuple[str, list[RemoteFile]]:
     info = api.model_info(repo, revision=revision, files_metadata=True)
     files = []
@@ -206,7 +221,7 @@ def download(
     out: str | Path | None = None,
     token: str | None = None,
     endpoint: str | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> DownloadResult:
     """Fetch the files of ``layout`` (``openai``: ``original/``; ``hf``: root weights, index, config and
     tokenizer files; ``metal``: ``metal/``; ``all``) into ``out`` (default: the repository's name).
@@ -227,7 +242,7 @@ def download(
         return _offline(repo, layout, folder, record, started)
     try:
         commit, remote_files = _list_files(HfApi(endpoint=endpoint, token=token), repo, revision)
-    except Exception as error:  # every hub or network failure is bad input for the user, never a bug
+    except _transfer_errors() as error:  # a hub or network failure is bad input for the user, never a bug
         raise _hub_error(error, repo, revision, endpoint) from None
     selected = [f for f in remote_files if wanted(f.path, layout)]
     if not selected:
@@ -235,15 +250,14 @@ def download(
     targets = [_safe_target(folder, f.path) for f in selected]
     folder.mkdir(parents=True, exist_ok=True)
     result = DownloadResult(repo, revision or "main", commit, layout, str(folder))
-    if hasattr(progress, "add_total"):
-        progress.add_total(sum(f.size for f in selected))
+    progress = progress or NoProgress()
+    progress.add_total(sum(f.size for f in selected))
     for remote, target in zip(selected, targets, strict=True):
         if record.unchanged(remote, target):
             result.files.append(
                 FetchedFile(remote.path, remote.size, record.entries[remote.path]["sha256"], "unchanged")
             )
-            if progress:
-                progress(remote.size)
+            progress(remote.size)
             continue
         ok, sha256 = _matches(remote, target)
         action = "verified on disk"
@@ -251,7 +265,7 @@ def download(
             sha256, fetched = _fetch(repo, commit, remote, folder, target, token, endpoint, progress)
             result.bytes_downloaded += fetched
             action = "downloaded"
-        elif progress:
+        else:
             progress(remote.size)
         record.remember(remote, target, sha256)
         result.files.append(FetchedFile(remote.path, remote.size, sha256, action))
@@ -274,7 +288,7 @@ def _fetch(
     target: Path,
     token: str | None,
     endpoint: str,
-    progress: Callable[[int], None] | None,
+    progress: Progress | None,
 ) -> tuple[str, int]:
     """Download one file into its partial file (resuming from the bytes there), check it, move it into
     place. Returns (sha256, bytes transferred). A mismatch is fetched once more from scratch."""
@@ -303,7 +317,7 @@ def _fetch(
                         tqdm_class=_forwarding_tqdm(progress),
                     )
                 transferred += remote.size - resume
-        except Exception as error:  # the partial file stays: the next run resumes from it
+        except _transfer_errors() as error:  # the partial file stays: the next run resumes from it
             raise _hub_error(error, repo, commit, endpoint) from None
         sha256, blob_id = file_digests(partial)
         if sha256 == remote.sha256 or (remote.sha256 is None and blob_id == remote.blob_id):
@@ -361,7 +375,7 @@ def _next_steps(folder: Path, layout: str) -> list[str]:
     return steps
 
 
-def _forwarding_tqdm(progress: Callable[[int], None] | None) -> type:
+def _forwarding_tqdm(progress: Progress | None) -> type:
     """A silent tqdm for huggingface_hub whose byte updates feed our one progress bar."""
     from tqdm.auto import tqdm
 
@@ -371,7 +385,7 @@ def _forwarding_tqdm(progress: Callable[[int], None] | None) -> type:
             super().__init__(*args, **kwargs)
 
         def update(self, n: float | None = 1) -> bool | None:
-            if progress and n:
+            if progress is not None and n:
                 progress(int(n))
             return super().update(n)
 

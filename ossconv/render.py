@@ -1,11 +1,54 @@
-"""Text renderings of the library's reports for the command line (``--json`` prints the data itself)."""
+"""Text renderings of the library's reports for the command line (``--json`` prints the data itself).
+
+Imports no torch: the reports arrive as values, their types are named for the reader only.
+"""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
-from ossconv.inspection import InspectReport
-from ossconv.verify.lockstep import VerifyReport
+if TYPE_CHECKING:
+    from ossconv.convert.target import ConversionResult
+    from ossconv.demo import DemoResult
+    from ossconv.hub import DownloadResult
+    from ossconv.inspection import InspectReport
+    from ossconv.verify.lockstep import VerifyReport
+
+
+def conversion_text(result: ConversionResult) -> None:
+    """One line for any writing command, then one per expert-parallel rank."""
+    click.echo(
+        f"{result.command}: {result.source} ({result.source_layout}, {result.source_precision}) -> "
+        f"{result.output} ({result.layout}, {result.precision}): "
+        f"{result.tensors} tensors in {result.files} file(s), "
+        f"{result.bytes_written / 1e9:.3f} GB in {result.seconds:.1f} s"
+    )
+    for rank in result.details.get("ranks", []):
+        click.echo(f"  {rank['folder']}: experts {rank['experts'][0]}-{rank['experts'][1] - 1}")
+
+
+def download_text(result: DownloadResult) -> None:
+    fetched = sum(1 for f in result.files if f.action == "downloaded")
+    click.echo(
+        f"{result.repo}@{result.commit[:12]} ({result.layout}): {len(result.files)} files in "
+        f"{result.folder}, {fetched} downloaded ({result.bytes_downloaded / 1e9:.3f} GB), "
+        f"{len(result.files) - fetched} already verified, every sha256 checked, {result.seconds:.1f} s"
+    )
+    for step in result.next_steps:
+        click.echo(f"  next: {step}")
+
+
+def demo_text(result: DemoResult, kept: bool) -> None:
+    width = max(len(s.step) for s in result.steps)
+    click.echo(f"{'step':<{width}}  result  {'time':>7}  detail")
+    for s in result.steps:
+        click.echo(f"{s.step:<{width}}  {'ok' if s.ok else 'FAILED':<6}  {s.seconds:6.2f}s  {s.detail}")
+    click.echo(
+        f"\n{'all steps passed' if result.ok else 'some steps FAILED'}"
+        + (f"; checkpoints kept in {result.folder}" if kept else "")
+    )
 
 
 def inspect_text(report: InspectReport) -> None:
@@ -52,7 +95,7 @@ def inspect_text(report: InspectReport) -> None:
     if report.problems:
         click.echo(f"  {len(report.problems)} problem(s):")
         for problem in report.problems[:50]:
-            click.echo(f"    - {problem}")
+            click.echo(f"    - {problem.message}")
         if len(report.problems) > 50:
             click.echo(f"    ... and {len(report.problems) - 50} more (--json lists all)")
     else:
@@ -78,4 +121,5 @@ def verify_text(report: VerifyReport) -> None:
         click.echo("verdict: same")
     else:
         where = report.first_divergent_layer
-        click.echo("verdict: DIFFER" + (f" (first divergent layer: {where})" if where is not None else " (logits)"))
+        where = "logits" if where is None else where if where == "embedding" else f"first divergent layer: {where}"
+        click.echo(f"verdict: DIFFER ({where})")

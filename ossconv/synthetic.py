@@ -19,7 +19,9 @@ import torch
 from ossconv.checkpoint import CONFIG_NAME, DTYPES_NAME
 from ossconv.formats import layouts, mxfp4
 from ossconv.formats.config import ModelConfig
-from ossconv.formats.layouts import FLOAT_PRECISIONS, MXFP4, OPENAI
+from ossconv.formats.layouts import OPENAI, ExpertWeight
+from ossconv.formats.precision import Precision
+from ossconv.units import DEFAULT_MAX_SHARD_SIZE
 from ossconv.writer import CheckpointWriter, dtypes_json
 
 # Small enough for tests and the demo, shaped so that mistakes show: no square expert matrix
@@ -79,14 +81,14 @@ def build(
     config: ModelConfig = TINY,
     *,
     layout: str = OPENAI,
-    experts: str = MXFP4,
-    dtype: str = "bf16",
+    experts: str | Precision = Precision.MXFP4,
+    dtype: str | Precision = Precision.BF16,
     seed: int = 0,
     overwrite: bool = False,
-    max_shard_size: int = 5 * 10**9,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    """Write a synthetic checkpoint to ``out``; ``experts`` is ``mxfp4`` or a float precision name,
-    ``dtype`` the precision of the other tensors.
+    """Write a synthetic checkpoint to ``out``; ``experts`` is the expert weights' precision, ``dtype``
+    the precision of the other tensors.
 
     Example:
         >>> build("/tmp/tiny-openai", layout="openai")  # doctest: +SKIP
@@ -94,59 +96,38 @@ def build(
     problems = config.problems()
     if problems:
         raise ValueError(problems[0])
-    expert_format = MXFP4 if experts == MXFP4 else FLOAT_PRECISIONS[experts]
-    dense_dtype = FLOAT_PRECISIONS[dtype]
-    specs = layouts.layout_specs(layout, config, expert_format, dense_dtype)
-    canonical = layouts.canonical_specs(config, expert_format, dense_dtype)
-    # canonical expert weight name -> (canonical weight, the same weight in the target layout)
-    weights = {
-        ours.float_name: (ours, theirs)
-        for ours, theirs in zip(
-            layouts.expert_weights(OPENAI, config), layouts.expert_weights(layout, config), strict=True
-        )
-    }
+    precision, dense = Precision.parse(experts), Precision.parse(dtype)
+    specs = layouts.layout_specs(layout, config, precision, dense.torch_dtype)
+    targets = {(w.layer, w.proj): w for w in layouts.expert_weights(layout, config)}
     with CheckpointWriter(out, specs, max_shard_size=max_shard_size, overwrite=overwrite) as writer:
-        for spec in canonical:
-            base = spec.name.removesuffix(".blocks").removesuffix(".scales")
-            if base in weights:
-                if not spec.name.endswith(".scales"):
-                    _write_experts(writer, *weights[base], expert_format, seed)
+        for item in layouts.canonical_tensors(config, dense.torch_dtype):
+            if isinstance(item, ExpertWeight):
+                _write_experts(writer, item, targets[(item.layer, item.proj)], precision, seed)
                 continue
-            tensor = _dense(spec.name, spec.shape, seed).to(dense_dtype)
-            for name, part in _to_layout(layout, spec.name, tensor, config):
+            tensor = _dense(item.name, item.shape, seed).to(dense.torch_dtype)
+            for name, part in layouts.split_dense(layout, item.name, tensor, config):
                 writer.write(name, part)
-        files = {CONFIG_NAME: _config_json(config, layout, expert_format, dtype)}
+        files = {CONFIG_NAME: _config_json(config, layout, precision, dense)}
         if layout == OPENAI:
             files[DTYPES_NAME] = dtypes_json(specs)
         return writer.finish(files)
 
 
-def _to_layout(layout: str, name: str, tensor: torch.Tensor, config: ModelConfig) -> list[tuple[str, torch.Tensor]]:
-    return [(name, tensor)] if layout == OPENAI else layouts.to_hf(name, tensor, config)
-
-
 def _write_experts(
-    writer: CheckpointWriter,
-    weight: layouts.ExpertWeight,
-    target: layouts.ExpertWeight,
-    expert_format: object,
-    seed: int,
+    writer: CheckpointWriter, weight: ExpertWeight, target: ExpertWeight, precision: Precision, seed: int
 ) -> None:
     """Draw one expert at a time (seeded by the canonical name) and write it in the target form."""
     for expert in range(weight.num_experts):
         blocks, scales = _expert_packed(weight.blocks, expert, weight.out_features, weight.groups, seed)
-        if expert_format == MXFP4:
+        if precision is Precision.MXFP4:
             writer.write(target.blocks, blocks, expert * blocks.numel())
             writer.write(target.scales, scales, expert * scales.numel())
         else:
-            matrix = mxfp4.decode(blocks, scales, expert_format)
-            if target.transposed:
-                matrix = matrix.T.contiguous()
+            matrix = target.to_stored(mxfp4.decode(blocks, scales, precision.torch_dtype)).contiguous()
             writer.write(target.float_name, matrix, expert * matrix.numel() * matrix.element_size())
 
 
-def _config_json(config: ModelConfig, layout: str, expert_format: object, dtype: str) -> dict:
+def _config_json(config: ModelConfig, layout: str, precision: Precision, dense: Precision) -> dict:
     if layout == OPENAI:
         return config.to_openai()
-    torch_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
-    return config.to_hf(mxfp4=expert_format == MXFP4, torch_dtype=torch_dtype)
+    return config.to_hf(mxfp4=precision is Precision.MXFP4, torch_dtype=dense.config_name)

@@ -9,23 +9,25 @@ only after every byte of every tensor has been written; safetensors' own reader 
 
 from __future__ import annotations
 
+import enum
 import errno
 import json
 import os
 import shutil
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ossconv.checkpoint import INDEX_NAME, TensorInfo
 from ossconv.errors import CheckpointError, OssconvError, OutputExistsError
-from ossconv.formats.layouts import SAFETENSORS_DTYPES, TensorSpec
+from ossconv.files import INDEX_NAME, TensorInfo
+from ossconv.formats.layouts import TensorSpec
+from ossconv.formats.precision import SAFETENSORS_DTYPES
+from ossconv.progress import NoProgress, Progress
+from ossconv.units import DEFAULT_MAX_SHARD_SIZE
 
-DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 COPY_CHUNK = 1 << 30  # bytes per copy_file_range call
 FALLBACK_CHUNK = 1 << 20  # bytes per read/write where the kernel cannot copy between the two files
 WRITE_CHUNK = 1 << 20
@@ -69,6 +71,12 @@ def _encode_header(specs: list[TensorSpec]) -> tuple[bytes, dict[str, int]]:
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+class WriterState(enum.Enum):
+    OPEN = "open"  # the temporary folder exists and takes writes
+    FINISHED = "finished"  # renamed into place
+    ABORTED = "aborted"  # the temporary folder and open files are gone
+
+
 @dataclass
 class _Slot:
     spec: TensorSpec
@@ -80,8 +88,8 @@ class _Slot:
 class CheckpointWriter:
     """Streams tensors into planned shards inside a temporary folder; :meth:`finish` renames it into place.
 
-    Use as a context manager: leaving the block with an exception removes the temporary folder, so an
-    output folder exists only when it is complete.
+    Use as a context manager: leaving the block without :meth:`finish` (an exception, or a return) aborts,
+    removing the temporary folder and closing its files, so an output folder exists only when complete.
     """
 
     def __init__(
@@ -91,14 +99,14 @@ class CheckpointWriter:
         *,
         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
         overwrite: bool = False,
-        progress: Callable[[int], None] | None = None,
+        progress: Progress | None = None,
     ):
         self.out = Path(out)
         if self.out.exists() and not overwrite:
             raise OutputExistsError(self.out)
         if self.out.exists() and not self.out.is_dir():
             raise OssconvError("exists and is not a folder", self.out)
-        self.progress = progress
+        self.progress = progress or NoProgress()
         plan = _shard_plan(specs, max_shard_size)
         self.files = shard_file_names(len(plan))
         self.slots: dict[str, _Slot] = {}
@@ -119,17 +127,19 @@ class CheckpointWriter:
             self.temp.mkdir()
         except OSError as error:
             raise OssconvError(f"cannot create the output folder: {error.strerror}", self.out) from None
-        if hasattr(progress, "add_total"):  # a progress bar that can show how much is planned
-            progress.add_total(sum(spec.nbytes for spec in specs))
+        self.state = WriterState.OPEN
+        self.progress.add_total(sum(spec.nbytes for spec in specs))
 
     def __enter__(self) -> CheckpointWriter:
         return self
 
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None:
+    def __exit__(self, *exc: object) -> None:
+        if self.state is WriterState.OPEN:
             self.abort()
 
     def _fd(self, shard: int) -> int:
+        if self.state is not WriterState.OPEN:
+            raise RuntimeError(f"the writer is {self.state.value}")
         if shard not in self.fds:
             path = self.temp / self.files[shard]
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -206,8 +216,7 @@ class CheckpointWriter:
 
     def _account(self, slot: _Slot, nbytes: int) -> None:
         slot.written += nbytes
-        if self.progress:
-            self.progress(nbytes)
+        self.progress(nbytes)
 
     def finish(self, json_files: dict[str, dict[str, Any]], side_files: list[Path] = ()) -> Path:
         """Check every planned byte was written, add index/config/side files, and move into place."""
@@ -238,6 +247,7 @@ class CheckpointWriter:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(self.temp, self.out)
+        self.state = WriterState.FINISHED
         return self.out
 
     def abort(self) -> None:
@@ -245,6 +255,7 @@ class CheckpointWriter:
             os.close(fd)
         self.fds = {}
         shutil.rmtree(self.temp, ignore_errors=True)
+        self.state = WriterState.ABORTED
 
 
 def dtypes_json(specs: list[TensorSpec]) -> dict[str, str]:
@@ -261,3 +272,18 @@ def check_output_apart(source: Path, out: Path) -> None:
     src, dst = source.resolve(), out.resolve()
     if src == dst or src in dst.parents or dst in src.parents:
         raise OssconvError(f"output must not overlap the source checkpoint {source}", out)
+
+
+def write_file_atomically(path: str | Path, data: bytes, *, overwrite: bool = False) -> Path:
+    """One file (a report, saved logits) written beside its place and renamed into it when complete."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    temp = path.with_name(f".{path.name}.ossconv-tmp-{os.getpid()}")
+    try:
+        temp.write_bytes(data)
+        os.replace(temp, path)
+    except OSError as error:
+        temp.unlink(missing_ok=True)
+        raise OssconvError(f"cannot write: {error.strerror}", path) from None
+    return path

@@ -35,3 +35,20 @@ def assert_byte_identical(a_path, b_path) -> None:
     for name in a.tensors:
         assert a.info(name).dtype == b.info(name).dtype and a.info(name).shape == b.info(name).shape, name
         assert raw(a.get(name)) == raw(b.get(name)), name
+
+
+def one_error(result, *fragments: str) -> None:
+    """The bad-input contract: exit 2, exactly one stderr line starting "Error: ", no traceback, and the
+    line names each of ``fragments``."""
+    assert result.code == 2, (result.code, result.err)
+    assert result.err.count("\n") == 1 and result.err.startswith("Error: "), result.err
+    assert "Traceback" not in result.err
+    for fragment in fragments:
+        assert fragment in result.err, result.err
+
+
+def messages(result) -> list[str]:
+    """The problem messages of an ``inspect --json`` result."""
+    import json
+
+    return [problem["message"] for problem in json.loads(result.out)["problems"]]

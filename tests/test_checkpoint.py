@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ossconv.checkpoint import open_checkpoint, parse_size
+from ossconv.checkpoint import open_checkpoint
 from ossconv.errors import CheckpointError, OutputExistsError
 from ossconv.formats.layouts import TensorSpec
+from ossconv.units import parse_size
 from ossconv.writer import CheckpointWriter
 
 
@@ -119,7 +120,7 @@ def test_reader_detects_layout_precision_and_order(checkpoints):
     }
     for name, (layout, precision) in expected.items():
         ckpt = open_checkpoint(checkpoints[name])
-        assert (ckpt.layout, ckpt.precision) == (layout, precision)
+        assert (ckpt.layout, ckpt.precision.value) == (layout, precision)
         names = list(ckpt.tensors)
         assert names[0] in ("embedding.weight", "model.embed_tokens.weight")
         assert names[-1] in ("unembedding.weight", "lm_head.weight")

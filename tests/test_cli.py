@@ -6,6 +6,7 @@ import json
 import struct
 
 import pytest
+from helpers import messages, one_error
 
 from ossconv.checkpoint import open_checkpoint
 
@@ -43,7 +44,7 @@ def test_inspect_lists_problems_with_exit_1(run_cli, checkpoints, copy_of):
     save_file(tensors, folder / "model.safetensors")
     result = run_cli("inspect", folder, "--json")
     assert result.code == 1
-    problems = json.loads(result.out)["problems"]
+    problems = messages(result)
     assert "missing tensor block.1.attn.sinks" in problems
     assert "block.0.mlp.gate.bias has shape [3], the config implies [4]" in problems
     assert "unexpected tensor block.0.extra" in problems
@@ -57,7 +58,7 @@ def test_unpack_and_pack_commands(run_cli, checkpoints, tmp_path):
     result = run_cli("pack", tmp_path / "bf16", tmp_path / "mxfp4", "--rule", "floor")
     assert result.code == 0, result.err
     assert "pack:" in result.out and "(hf, mxfp4)" in result.out
-    assert open_checkpoint(tmp_path / "mxfp4").precision == "mxfp4"
+    assert open_checkpoint(tmp_path / "mxfp4").precision.value == "mxfp4"
 
 
 def test_quiet_prints_nothing(run_cli, checkpoints, tmp_path):
@@ -72,14 +73,6 @@ def test_existing_output_is_refused_then_overwritten(run_cli, checkpoints, tmp_p
     assert result.err == f"Error: {tmp_path / 'out'}: output already exists; pass --overwrite to replace it\n"
     result = run_cli("unpack", checkpoints["openai-mxfp4"], tmp_path / "out", "--overwrite")
     assert result.code == 0
-
-
-def one_error_line(result, *fragments: str) -> None:
-    assert result.code == 2, (result.code, result.err)
-    assert result.err.count("\n") == 1 and result.err.startswith("Error: "), result.err
-    assert "Traceback" not in result.err
-    for fragment in fragments:
-        assert fragment in result.err, result.err
 
 
 def _truncated(folder):
@@ -132,13 +125,13 @@ def test_bad_input_is_one_line_exit_2_and_no_output(run_cli, checkpoints, copy_o
     source = "openai-bf16" if command == "pack" else "openai-mxfp4"
     folder = copy_of(checkpoints[source], "bad")
     fragment = damage(folder)
-    one_error_line(run_cli(*COMMANDS[command](folder, checkpoints[source], tmp_path / "out")), str(folder), fragment)
+    one_error(run_cli(*COMMANDS[command](folder, checkpoints[source], tmp_path / "out")), str(folder), fragment)
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
 
 
 def test_missing_folder_is_exit_2(run_cli, tmp_path):
-    one_error_line(run_cli("inspect", tmp_path / "nope"), "nope: no such folder")
+    one_error(run_cli("inspect", tmp_path / "nope"), "nope: no such folder")
 
 
 def test_usage_error_is_exit_2(run_cli):

@@ -52,7 +52,7 @@ def test_unpack_keeps_layout_and_other_tensors(layout, dtype, checkpoints, tmp_p
     result = unpack(checkpoints[f"{layout}-mxfp4"], tmp_path / "out", dtype=dtype)
     assert (result.layout, result.precision) == (layout, dtype)
     a, b = open_checkpoint(checkpoints[f"{layout}-mxfp4"]), open_checkpoint(tmp_path / "out")
-    assert (b.layout, b.precision) == (layout, dtype)
+    assert (b.layout, b.precision.value) == (layout, dtype)
     assert_same_non_expert_bytes(a, b)
     if layout == "hf":
         config = json.loads((tmp_path / "out" / "config.json").read_text())

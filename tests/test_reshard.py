@@ -7,10 +7,11 @@ import struct
 
 import pytest
 import torch
-from helpers import assert_byte_identical
+from helpers import assert_byte_identical, one_error
 
 from ossconv.checkpoint import open_checkpoint
-from ossconv.convert.reshard import merge, reshard
+from ossconv.convert.reshard import reshard
+from ossconv.expert_parallel import merge
 from ossconv.formats import layouts
 
 
@@ -131,12 +132,6 @@ def test_reshard_command(run_cli, checkpoints, tmp_path):
 # ------------------------------------------------------------------------------------------ bad input
 
 
-def one_error(result, *fragments):
-    assert result.code == 2 and result.err.count("\n") == 1 and "Traceback" not in result.err, result.err
-    for fragment in fragments:
-        assert fragment in result.err, result.err
-
-
 def test_ranks_must_divide_the_experts(run_cli, checkpoints, tmp_path):
     one_error(
         run_cli("reshard", checkpoints["hf-mxfp4"], tmp_path / "ep", "--ep-ranks", "3"),
@@ -187,7 +182,7 @@ def test_tampered_rank_file(run_cli, ep, tmp_path):
 
 
 def test_ranks_that_disagree_on_a_shared_tensor(run_cli, ep, tmp_path):
-    from ossconv.convert.reshard import file_sha256
+    from ossconv.expert_parallel import file_sha256
 
     file = ep / "rank-00001-of-00002" / "model.safetensors"
     ckpt = open_checkpoint(ep / "rank-00001-of-00002")

@@ -6,15 +6,10 @@ import json
 
 import pytest
 import torch
+from helpers import messages, one_error
 from safetensors.torch import load_file, save_file
 
 from ossconv.convert.reshard import reshard
-
-
-def one_error(result, *fragments):
-    assert result.code == 2 and result.err.count("\n") == 1 and "Traceback" not in result.err, (result.code, result.err)
-    for fragment in fragments:
-        assert fragment in result.err, result.err
 
 
 @pytest.mark.parametrize(
@@ -50,7 +45,7 @@ def test_hf_config_without_truncate_false_is_a_problem(run_cli, checkpoints, cop
     (folder / "config.json").write_text(json.dumps(config))
     result = run_cli("inspect", folder, "--json")
     assert result.code == 1
-    assert any("truncate is not false" in p for p in json.loads(result.out)["problems"])
+    assert any("truncate is not false" in p for p in messages(result))
     one_error(run_cli("convert", folder, tmp_path / "out", "--to", "openai"), "truncate is not false")
 
 
@@ -62,7 +57,7 @@ def test_expert_numbers_with_leading_zeros_are_not_the_same_expert(run_cli, chec
     save_file(tensors, file)
     result = run_cli("inspect", tmp_path / "split", "--json")
     assert result.code == 1
-    assert "unexpected tensor block.0.mlp.experts.01.mlp1_bias" in json.loads(result.out)["problems"]
+    assert "unexpected tensor block.0.mlp.experts.01.mlp1_bias" in messages(result)
     one_error(run_cli("reshard", "--merge", tmp_path / "split", tmp_path / "out"), "unexpected tensor")
 
 
@@ -73,7 +68,7 @@ def test_mixed_float_expert_dtypes_are_a_problem(run_cli, checkpoints, copy_of, 
     save_file(tensors, folder / "model.safetensors")
     result = run_cli("inspect", folder, "--json")
     assert result.code == 1
-    assert "block.1.mlp.mlp2_weight is F16, other expert weights are BF16" in json.loads(result.out)["problems"]
+    assert "block.1.mlp.mlp2_weight is F16, other expert weights are BF16" in messages(result)
     one_error(run_cli("convert", folder, tmp_path / "out", "--to", "hf"), "is F16")
     one_error(run_cli("reshard", folder, tmp_path / "out2", "--experts", "split"), "is F16")
 

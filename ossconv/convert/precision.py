@@ -1,7 +1,7 @@
 """pack / unpack: change the precision of the expert weights, keep the layout and every other byte.
 
-Both are :func:`ossconv.convert.stream.rewrite` into the source's own layout: experts are re-expressed one
-expert at a time, everything else is copied file to file.
+Both are a plan into the source's own layout: experts are re-expressed one expert at a time, everything
+else is copied file to file.
 """
 
 from __future__ import annotations
@@ -9,35 +9,56 @@ from __future__ import annotations
 from pathlib import Path
 
 from ossconv.checkpoint import open_checkpoint
-from ossconv.convert.stream import ConversionResult, rewrite
+from ossconv.convert.execute import run
+from ossconv.convert.plan import plan
+from ossconv.convert.target import ConversionResult, Target, WriteOptions, precision_of
 from ossconv.errors import OssconvError
-from ossconv.formats import mxfp4
-from ossconv.formats.layouts import FLOAT_PRECISIONS, MXFP4
+from ossconv.formats.precision import Precision
+from ossconv.progress import Progress
+from ossconv.units import DEFAULT_MAX_SHARD_SIZE
 
 
-def unpack(src: str | Path, out: str | Path, dtype: str = "bf16", **options: object) -> ConversionResult:
-    """MXFP4 (or other float) experts -> ``dtype`` experts; options: overwrite, max_shard_size, progress.
+def unpack(
+    src: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | Precision = "bf16",
+    overwrite: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    progress: Progress | None = None,
+) -> ConversionResult:
+    """MXFP4 (or other float) experts -> ``dtype`` experts.
 
     Example:
         >>> unpack("gpt-oss-20b/original", "gpt-oss-20b-bf16", dtype="bf16")  # doctest: +SKIP
     """
-    if dtype not in FLOAT_PRECISIONS:
+    precision = precision_of(dtype)
+    if not precision.is_float:
         raise OssconvError(f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32")
     ckpt = open_checkpoint(src)
-    if ckpt.expert_format == FLOAT_PRECISIONS[dtype]:
-        raise OssconvError(f"expert weights are already {dtype}; nothing to unpack", ckpt.path)
-    return rewrite(ckpt, out, command="unpack", layout=ckpt.layout, experts=FLOAT_PRECISIONS[dtype], **options)
+    if ckpt.precision is precision:
+        raise OssconvError(f"expert weights are already {precision.value}; nothing to unpack", ckpt.path)
+    options = WriteOptions(overwrite, max_shard_size, progress)
+    return run(plan(ckpt, Target(ckpt.layout, precision)), out, options, command="unpack")
 
 
-def pack(src: str | Path, out: str | Path, rule: str = "up", **options: object) -> ConversionResult:
+def pack(
+    src: str | Path,
+    out: str | Path,
+    *,
+    rule: str = "up",
+    overwrite: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    progress: Progress | None = None,
+) -> ConversionResult:
     """Float experts -> MXFP4 (``rule`` ``up``: triton_kernels' ROUND_UP; ``floor``: OCP MX / torchao).
 
     Example:
         >>> pack("finetuned-bf16", "finetuned-mxfp4")  # doctest: +SKIP
     """
-    if rule not in mxfp4.RULES:
-        raise OssconvError(f"unknown rule {rule!r}; choose up or floor")
+    Target("openai", Precision.MXFP4, rule)  # refuse a bad rule before reading anything
     ckpt = open_checkpoint(src)
-    if ckpt.expert_format == MXFP4:
+    if ckpt.precision is Precision.MXFP4:
         raise OssconvError("expert weights are already MXFP4; nothing to pack", ckpt.path)
-    return rewrite(ckpt, out, command="pack", layout=ckpt.layout, experts=MXFP4, rule=rule, **options)
+    options = WriteOptions(overwrite, max_shard_size, progress)
+    return run(plan(ckpt, Target(ckpt.layout, Precision.MXFP4, rule)), out, options, command="pack")

@@ -72,6 +72,14 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
+    def is_sliding(self, layer: int) -> bool:
+        """gpt-oss alternates: even layers attend within the sliding window, odd layers to every token."""
+        return layer % 2 == 0 and self.sliding_window > 0
+
+    def layer_types(self) -> list[str]:
+        """transformers' ``layer_types``, the same fact as :meth:`is_sliding`."""
+        return ["sliding_attention" if layer % 2 == 0 else "full_attention" for layer in range(self.num_hidden_layers)]
+
     def problems(self) -> list[str]:
         """Constraints the two layouts, the MXFP4 encoding and the forward pass need; empty when usable."""
         found = []
@@ -192,9 +200,7 @@ class ModelConfig:
             "initial_context_length": self.initial_context_length,
             "initializer_range": 0.02,
             "intermediate_size": self.intermediate_size,
-            "layer_types": [
-                "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(self.num_hidden_layers)
-            ],
+            "layer_types": self.layer_types(),
             "max_position_embeddings": int(self.initial_context_length * self.rope_scaling_factor),
             "num_attention_heads": self.num_attention_heads,
             "num_experts_per_tok": self.experts_per_token,

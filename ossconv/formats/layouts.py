@@ -16,33 +16,13 @@ import torch
 
 from ossconv.formats.config import ModelConfig
 from ossconv.formats.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK
+from ossconv.formats.precision import Precision
 
 OPENAI = "openai"
 HF = "hf"
 LAYOUTS = (OPENAI, HF)
-MXFP4 = "mxfp4"
-
-# Float precisions by their command-line names; safetensors dtype strings for headers and dtypes.json.
-FLOAT_PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-SAFETENSORS_DTYPES = {
-    torch.bfloat16: "BF16",
-    torch.float16: "F16",
-    torch.float32: "F32",
-    torch.uint8: "U8",
-    torch.int8: "I8",
-    torch.int16: "I16",
-    torch.int32: "I32",
-    torch.int64: "I64",
-    torch.float64: "F64",
-    torch.bool: "BOOL",
-}
-TORCH_DTYPES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-PRECISION_NAMES = {v: k for k, v in FLOAT_PRECISIONS.items()}
-
-
-def precision_name(expert_format: str | torch.dtype) -> str:
-    """``mxfp4`` or ``bf16``/``fp16``/``fp32``."""
-    return expert_format if isinstance(expert_format, str) else PRECISION_NAMES[expert_format]
+# The two fused expert weights of a layer: OpenAI name, HF name (gate_up has interleaved gate/up rows).
+EXPERT_PROJECTIONS = (("mlp1", "gate_up_proj"), ("mlp2", "down_proj"))
 
 
 @dataclass(frozen=True)
@@ -84,9 +64,24 @@ class ExpertWeight:
             TensorSpec(self.scales, rows, torch.uint8),
         )
 
-    def float_spec(self, dtype: torch.dtype) -> TensorSpec:
+    def float_spec(self, precision: Precision) -> TensorSpec:
         matrix = (self.in_features, self.out_features) if self.transposed else (self.out_features, self.in_features)
-        return TensorSpec(self.float_name, (self.num_experts, *matrix), dtype)
+        return TensorSpec(self.float_name, (self.num_experts, *matrix), precision.torch_dtype)
+
+    def specs(self, precision: Precision) -> list[TensorSpec]:
+        """The stored tensor(s) of this weight: MXFP4 blocks and scales, or one float tensor."""
+        return list(self.packed_specs()) if precision is Precision.MXFP4 else [self.float_spec(precision)]
+
+    def stored_names(self) -> tuple[str, str, str]:
+        return (self.blocks, self.scales, self.float_name)
+
+    def to_stored(self, matrix: torch.Tensor) -> torch.Tensor:
+        """One expert's float ``[out, in]`` matrix as this layout stores it (a view: HF's is ``[in, out]``)."""
+        return matrix.T if self.transposed else matrix
+
+    def from_stored(self, stored: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_stored`: a stored float expert slice as ``[out, in]`` (a view)."""
+        return stored.T if self.transposed else stored
 
 
 def expert_weights(layout: str, cfg: ModelConfig) -> list[ExpertWeight]:
@@ -94,32 +89,30 @@ def expert_weights(layout: str, cfg: ModelConfig) -> list[ExpertWeight]:
     hidden, inter, experts = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
     found = []
     for n in range(cfg.num_hidden_layers):
-        for proj, out_f, in_f, hf_name in (
-            ("mlp1", 2 * inter, hidden, "gate_up_proj"),
-            ("mlp2", hidden, inter, "down_proj"),
-        ):
+        shapes = {"mlp1": (2 * inter, hidden), "mlp2": (hidden, inter)}
+        for proj, hf_name in EXPERT_PROJECTIONS:
+            out_f, in_f = shapes[proj]
             if layout == OPENAI:
                 base = f"block.{n}.mlp.{proj}_weight"
                 names = (f"{base}.blocks", f"{base}.scales", base)
             else:
                 base = f"model.layers.{n}.mlp.experts.{hf_name}"
                 names = (f"{base}_blocks", f"{base}_scales", base)
-            found.append(ExpertWeight(n, proj, *names, experts, out_f, in_f, transposed=layout == HF))
+            found.append(ExpertWeight(n, proj, *names, experts, out_f, in_f, transposed=layout == HF))  # the one place
     return found
 
 
-def canonical_specs(
-    cfg: ModelConfig, experts: str | torch.dtype, dtype: torch.dtype = torch.bfloat16
-) -> list[TensorSpec]:
-    """Every tensor of the model in OpenAI naming and file order; ``experts`` is ``"mxfp4"`` or a float dtype,
-    ``dtype`` the precision of everything else (bf16 in the released checkpoints)."""
+def canonical_tensors(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> list[TensorSpec | ExpertWeight]:
+    """The model's logical tensors in OpenAI naming and file order: a TensorSpec for every dense tensor
+    (``dtype``: bf16 in the released checkpoints) and an ExpertWeight where a fused expert weight goes,
+    whatever its precision."""
     h, e = cfg.hidden_size, cfg.num_experts
     qkv = cfg.q_dim + 2 * cfg.kv_dim
-    weights = {w.float_name: w for w in expert_weights(OPENAI, cfg)}
-    specs = [TensorSpec("embedding.weight", (cfg.vocab_size, h), dtype)]
+    weights = {(w.layer, w.proj): w for w in expert_weights(OPENAI, cfg)}
+    found: list[TensorSpec | ExpertWeight] = [TensorSpec("embedding.weight", (cfg.vocab_size, h), dtype)]
     for n in range(cfg.num_hidden_layers):
         p = f"block.{n}."
-        specs += [
+        found += [
             TensorSpec(p + "attn.norm.scale", (h,), dtype),
             TensorSpec(p + "attn.qkv.weight", (qkv, h), dtype),
             TensorSpec(p + "attn.qkv.bias", (qkv,), dtype),
@@ -130,18 +123,33 @@ def canonical_specs(
             TensorSpec(p + "mlp.gate.weight", (e, h), dtype),
             TensorSpec(p + "mlp.gate.bias", (e,), dtype),
         ]
-        for proj in ("mlp1", "mlp2"):
-            weight = weights[f"{p}mlp.{proj}_weight"]
-            specs += list(weight.packed_specs()) if experts == MXFP4 else [weight.float_spec(experts)]
-            specs.append(TensorSpec(f"{p}mlp.{proj}_bias", (e, weight.out_features), dtype))
-    specs += [TensorSpec("norm.scale", (h,), dtype), TensorSpec("unembedding.weight", (cfg.vocab_size, h), dtype)]
+        for proj, _ in EXPERT_PROJECTIONS:
+            weight = weights[(n, proj)]
+            found += [weight, TensorSpec(f"{p}mlp.{proj}_bias", (e, weight.out_features), dtype)]
+    found += [TensorSpec("norm.scale", (h,), dtype), TensorSpec("unembedding.weight", (cfg.vocab_size, h), dtype)]
+    return found
+
+
+def layout_specs(
+    layout: str, cfg: ModelConfig, precision: Precision, dtype: torch.dtype = torch.bfloat16
+) -> list[TensorSpec]:
+    """Every stored tensor of ``layout`` in file order, expert weights in ``precision``."""
+    layout_weights = {(w.layer, w.proj): w for w in expert_weights(layout, cfg)}
+    specs = []
+    for item in canonical_tensors(cfg, dtype):
+        if isinstance(item, ExpertWeight):
+            specs += layout_weights[(item.layer, item.proj)].specs(precision)
+            continue
+        for part, start, stop in layout_parts(layout, item.name, cfg):
+            rows = (stop if stop is not None else item.shape[0]) - start
+            specs.append(TensorSpec(part, (rows, *item.shape[1:]), item.dtype))
     return specs
 
 
 # ---------------------------------------------------------------------------------------------- naming
 
 _HF_LAYER = "model.layers.{n}."
-# canonical suffix within a block -> HF suffix within a layer (qkv and float experts are handled apart)
+# canonical suffix within a block -> HF suffix within a layer (qkv and expert weights are handled apart)
 _BLOCK_TO_HF = {
     "attn.norm.scale": "input_layernorm.weight",
     "attn.sinks": "self_attn.sinks",
@@ -150,13 +158,7 @@ _BLOCK_TO_HF = {
     "mlp.norm.scale": "post_attention_layernorm.weight",
     "mlp.gate.weight": "mlp.router.weight",
     "mlp.gate.bias": "mlp.router.bias",
-    "mlp.mlp1_weight.blocks": "mlp.experts.gate_up_proj_blocks",
-    "mlp.mlp1_weight.scales": "mlp.experts.gate_up_proj_scales",
-    "mlp.mlp1_weight": "mlp.experts.gate_up_proj",
     "mlp.mlp1_bias": "mlp.experts.gate_up_proj_bias",
-    "mlp.mlp2_weight.blocks": "mlp.experts.down_proj_blocks",
-    "mlp.mlp2_weight.scales": "mlp.experts.down_proj_scales",
-    "mlp.mlp2_weight": "mlp.experts.down_proj",
     "mlp.mlp2_bias": "mlp.experts.down_proj_bias",
 }
 _GLOBAL_TO_HF = {
@@ -168,9 +170,12 @@ _QKV = ("q_proj", "k_proj", "v_proj")
 _BLOCK_NAME = re.compile(r"block\.(\d+)\.(.+)")
 
 
-def hf_parts(name: str, cfg: ModelConfig) -> list[tuple[str, int, int | None]]:
-    """The HF tensors a canonical tensor is made of, as ``(hf name, first row, stop row)`` along its first
-    axis (stop None: all rows). Only qkv has more than one part: a plain row split q | k | v."""
+def layout_parts(layout: str, name: str, cfg: ModelConfig) -> list[tuple[str, int, int | None]]:
+    """The stored tensors a canonical dense tensor is made of in ``layout``, as ``(name, first row, stop
+    row)`` along its first axis (stop None: all rows). The OpenAI layout stores each whole; in the HF one
+    only qkv has more than one part: a plain row split q | k | v."""
+    if layout == OPENAI:
+        return [(name, 0, None)]
     if name in _GLOBAL_TO_HF:
         return [(_GLOBAL_TO_HF[name], 0, None)]
     match = _BLOCK_NAME.fullmatch(name)
@@ -185,31 +190,9 @@ def hf_parts(name: str, cfg: ModelConfig) -> list[tuple[str, int, int | None]]:
     return [(prefix + _BLOCK_TO_HF[suffix], 0, None)]
 
 
-def layout_parts(layout: str, name: str, cfg: ModelConfig) -> list[tuple[str, int, int | None]]:
-    """:func:`hf_parts` for either layout (the OpenAI layout stores every canonical tensor whole)."""
-    return [(name, 0, None)] if layout == OPENAI else hf_parts(name, cfg)
-
-
-def to_hf(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
-    """One canonical tensor -> its HF tensor(s): qkv splits into q/k/v rows, float experts transpose."""
-    if name.endswith(("mlp.mlp1_weight", "mlp.mlp2_weight")):
-        tensor = tensor.transpose(-1, -2)
-    return [(part, tensor[start:stop]) for part, start, stop in hf_parts(name, cfg)]
-
-
-def hf_specs(cfg: ModelConfig, experts: str | torch.dtype, dtype: torch.dtype = torch.bfloat16) -> list[TensorSpec]:
-    """Every tensor of the HF layout, in file order (the canonical order mapped through :func:`to_hf`)."""
-    specs = []
-    for spec in canonical_specs(cfg, experts, dtype):
-        meta = torch.empty(spec.shape, dtype=spec.dtype, device="meta")
-        specs += [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in to_hf(spec.name, meta, cfg)]
-    return specs
-
-
-def layout_specs(
-    layout: str, cfg: ModelConfig, experts: str | torch.dtype, dtype: torch.dtype = torch.bfloat16
-) -> list[TensorSpec]:
-    return canonical_specs(cfg, experts, dtype) if layout == OPENAI else hf_specs(cfg, experts, dtype)
+def split_dense(layout: str, name: str, tensor: torch.Tensor, cfg: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """One canonical dense tensor -> the tensor(s) ``layout`` stores (HF splits qkv into q/k/v rows)."""
+    return [(part, tensor[start:stop]) for part, start, stop in layout_parts(layout, name, cfg)]
 
 
 # Fused expert tensors (first axis = expert) and their split form, one tensor per expert j:

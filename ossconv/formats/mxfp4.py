@@ -44,15 +44,19 @@ from fractions import Fraction
 
 import torch
 
+from ossconv.formats.precision import FLOAT_DTYPES  # the dtypes decode writes and encode reads
+
 BLOCK_SIZE = 32  # elements per scale
 BYTES_PER_BLOCK = 16  # two FP4 codes per byte
 E8M0_BIAS = 127
 F4_E2M1_MAX = 6.0
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 RULES = ("up", "floor")
-FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-_FP32_INF_BITS = 0x7F800000
+# Scale bytes whose blocks overflow the float range when decoded: 2^128 times any nonzero code is Inf, and
+# 2^127 times a code of magnitude >= 2.0 (index 4) is Inf too.
+INF_SCALE = 255
+HALF_INF_SCALE = 254
+HALF_INF_MIN_CODE = 4
 _BF16_INF_BITS = 0x7F80
 # Rows of 32 elements handled per step: bounds temporary memory to a few MB whatever the tensor size.
 _CHUNK_BLOCKS = 1 << 15
@@ -336,6 +340,13 @@ def encode(
 
 
 # ---------------------------------------------------------------------------------------------- statistics
+
+
+def inf_blocks(scales: torch.Tensor, largest_code: torch.Tensor) -> torch.Tensor:
+    """Which blocks decode to +-Inf in bf16/fp32, from their scale bytes and :func:`max_code_magnitude`."""
+    return ((scales == INF_SCALE) & (largest_code > 0)) | (
+        (scales == HALF_INF_SCALE) & (largest_code >= HALF_INF_MIN_CODE)
+    )
 
 
 def max_code_magnitude(blocks: torch.Tensor) -> torch.Tensor:

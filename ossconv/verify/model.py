@@ -102,7 +102,7 @@ def attention(x: torch.Tensor, weights: WeightReader, layer: int, cos: torch.Ten
     q = q.view(num_tokens, kv_heads, group, d)
     scores = torch.einsum("qhmd,khd->hmqk", q, k) / math.sqrt(d)  # (KV, G, T, T)
     mask = torch.triu(torch.full((num_tokens, num_tokens), -math.inf), diagonal=1)
-    if layer % 2 == 0 and cfg.sliding_window > 0:  # a query at t sees keys t - window + 1 .. t
+    if cfg.is_sliding(layer):  # a query at t sees keys t - window + 1 .. t
         mask += torch.tril(torch.full((num_tokens, num_tokens), -math.inf), diagonal=-cfg.sliding_window)
     scores = scores + mask
     sinks = weights.dense(p + "sinks").view(kv_heads, group, 1, 1).expand(-1, -1, num_tokens, 1)

@@ -1,0 +1,178 @@
+"""The files of a checkpoint folder, read safely: safetensors headers, the shard index, JSON side files.
+
+Headers are parsed here (shapes, dtypes, byte offsets) and checked by safetensors' own reader; tensor data
+is read through ``safe_open``, whose memory map is closed after each read so resident memory never
+accumulates. Pickled weights are refused, never loaded, and no index entry or symlink may lead outside
+the folder. :mod:`ossconv.checkpoint` builds the model view on top.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ossconv.errors import CheckpointError
+from ossconv.formats import layouts
+from ossconv.formats.precision import TORCH_DTYPES
+
+INDEX_NAME = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+    offset: int  # absolute byte offset of the data in ``file``
+    nbytes: int
+
+
+def read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """(data start, header dict) of a safetensors file, checked for sizes that could not be right."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError("not a safetensors file (shorter than its 8-byte header length)", path)
+        (length,) = struct.unpack("<Q", prefix)
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            raise CheckpointError(f"not a safetensors file (header length {length} for a {size}-byte file)", path)
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"safetensors header is not valid JSON ({error})", path) from None
+    if not isinstance(header, dict):
+        raise CheckpointError("safetensors header is not a JSON object", path)
+    return 8 + length, header
+
+
+def tensor_infos(path: Path) -> dict[str, TensorInfo]:
+    start, header = read_header(path)
+    infos = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = TORCH_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"tensor {name!r} has a malformed header entry", path) from None
+        infos[name] = TensorInfo(name, shape, dtype, path, start + begin, end - begin)
+    try:  # safetensors' own reader checks offsets, coverage and sizes
+        with safe_open(path, framework="pt"):
+            pass
+    except SafetensorError as error:
+        raise CheckpointError(str(error).replace("Error while deserializing header: ", ""), path) from None
+    return infos
+
+
+def inside_folder(folder: Path, candidate: Path) -> bool:
+    """Whether ``candidate`` exists and, symlinks resolved, lies inside ``folder``."""
+    try:
+        candidate.resolve(strict=True).relative_to(folder.resolve())
+    except (FileNotFoundError, ValueError, OSError):
+        return False
+    return True
+
+
+def weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a checkpoint folder and the index's weight map (None without an index)."""
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map = index["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise CheckpointError(
+                "not a valid index (expected a JSON object with a 'weight_map')", index_path
+            ) from None
+        files = []
+        for relative in dict.fromkeys(weight_map.values()):
+            candidate = folder / relative
+            if Path(relative).is_absolute() or not inside_folder(folder, candidate):
+                if not candidate.exists() and inside_folder(folder, candidate.parent):
+                    raise CheckpointError(f"the index names {relative!r}, which does not exist", index_path)
+                raise CheckpointError(f"the index points outside the checkpoint folder: {relative!r}", index_path)
+            files.append(candidate)
+        return files, weight_map
+    files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"holds only pickled weights ({', '.join(pickles[:3])}); ossconv never loads pickles "
+                "(they can run code): use safetensors weights",
+                folder,
+            )
+        raise CheckpointError("no .safetensors files in this folder", folder)
+    for file in files:
+        if not inside_folder(folder, file):
+            raise CheckpointError("symlink points outside the checkpoint folder", file)
+    return files, None
+
+
+class open_file:
+    """``safe_open`` whose failures are our one-line CheckpointError naming the file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        try:
+            self.handle = safe_open(self.path, framework="pt")
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"cannot read: {error}", self.path) from None
+        return self.handle.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.__exit__(*exc)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"not valid JSON ({error})", path) from None
+    if not isinstance(value, dict):
+        raise CheckpointError("expected a JSON object", path)
+    return value
+
+
+def read_folder_tensors(
+    folder: Path, shared_ok: bool = False, into: dict[str, TensorInfo] | None = None
+) -> dict[str, TensorInfo]:
+    """Every tensor of one folder (checked against its index); ``shared_ok`` lets non-expert tensors that
+    an earlier folder already gave (expert-parallel ranks each carry them) be skipped."""
+    tensors = {} if into is None else into
+    files, weight_map = weight_files(folder)
+    seen: dict[str, Path] = {}
+    for file in files:
+        for name, info in tensor_infos(file).items():
+            if name in seen:
+                raise CheckpointError(f"tensor {name!r} is stored twice (also in {seen[name].name})", file)
+            seen[name] = file
+            if name in tensors:
+                if shared_ok and layouts.parse_split_name(name) is None:
+                    continue
+                raise CheckpointError(f"tensor {name!r} is stored twice (also in {tensors[name].file})", file)
+            tensors[name] = info
+    if weight_map is not None:
+        for name, relative in weight_map.items():
+            if name not in seen or seen[name].name != Path(relative).name:
+                raise CheckpointError(
+                    f"the index places {name!r} in {relative}, which does not hold it", folder / INDEX_NAME
+                )
+    return tensors
