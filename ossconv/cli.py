@@ -5,106 +5,14 @@ Exit codes: 0 ok; 1 problems found / checkpoints differ; 2 bad input, usage or I
 
 from __future__ import annotations
 
-import functools
-import json
-import os
 import sys
-import traceback
-from collections.abc import Callable
 from typing import Any
 
 import click
-from tqdm import tqdm
 
 from ossconv import __version__, render
-from ossconv.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_DIFFER, EXIT_OK, OssconvError
-from ossconv.units import DEFAULT_MAX_SHARD_SIZE_TEXT, parse_size
-
-DEBUG_ENV = "OSSCONV_DEBUG"
-
-
-# ---------------------------------------------------------------------------------------------- output
-
-
-class Output:
-    """Where a command's words go: JSON (one document on stdout), text, or nothing (``--quiet``)."""
-
-    def __init__(self, as_json: bool, quiet: bool):
-        self.as_json = as_json
-        self.quiet = quiet
-
-    def text(self, message: str = "") -> None:
-        if not self.as_json and not self.quiet:
-            click.echo(message)
-
-    def result(self, data: dict[str, Any], render: Callable[[], None]) -> None:
-        if self.as_json:
-            click.echo(json.dumps(data, indent=2, default=str))
-        elif not self.quiet:
-            render()
-
-    def progress(self, description: str, unit: str = "B") -> BarProgress:
-        """A progress bar on stderr, shown only on a terminal and never with --json or --quiet."""
-        disable = self.as_json or self.quiet or not sys.stderr.isatty()
-        bar = tqdm(
-            total=0, desc=description, unit=unit, unit_scale=unit == "B", disable=disable, file=sys.stderr, leave=False
-        )
-        return BarProgress(bar)
-
-
-class BarProgress:
-    """A tqdm bar as the library's :class:`ossconv.progress.Progress`."""
-
-    def __init__(self, bar: tqdm):
-        self.bar = bar
-
-    def __call__(self, count: int) -> None:
-        self.bar.update(count)
-
-    def add_total(self, count: int) -> None:
-        self.bar.total = (self.bar.total or 0) + count
-        self.bar.refresh()
-
-    def __enter__(self) -> BarProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.close()
-
-
-def output_options(function: Callable) -> Callable:
-    @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of text.")
-    @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
-    @functools.wraps(function)
-    def wrapper(*args: Any, as_json: bool, quiet: bool, **kwargs: Any) -> Any:
-        return function(*args, out=Output(as_json, quiet), **kwargs)
-
-    return wrapper
-
-
-def write_options(function: Callable) -> Callable:
-    @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
-    @click.option(
-        "--max-shard-size",
-        default=DEFAULT_MAX_SHARD_SIZE_TEXT,
-        show_default=True,
-        help="Largest shard file, e.g. 500MB, 5GB, 2GiB.",
-    )
-    @functools.wraps(function)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return function(*args, **kwargs)
-
-    return wrapper
-
-
-def _write(ui: Output, label: str, run: Callable[..., Any], **kwargs: Any) -> int:
-    """Run a library function that writes a checkpoint (by keyword), with a byte progress bar; print its result."""
-    kwargs["max_shard_size"] = parse_size(kwargs["max_shard_size"])
-    with ui.progress(label) as progress:
-        result = run(**kwargs, progress=progress)
-    ui.result(result.to_dict(), lambda: render.conversion_text(result))
-    return EXIT_OK
-
+from ossconv.console import Output, output_options, run_group, write_command, write_options
+from ossconv.errors import EXIT_DIFFER, EXIT_OK
 
 # ---------------------------------------------------------------------------------------------- commands
 
@@ -196,7 +104,7 @@ def unpack(checkpoint: str, output: str, dtype: str, overwrite: bool, max_shard_
     """
     from ossconv.convert.precision import unpack as run
 
-    return _write(
+    return write_command(
         out, "unpack", run, src=checkpoint, out=output, dtype=dtype, overwrite=overwrite, max_shard_size=max_shard_size
     )
 
@@ -221,7 +129,7 @@ def pack(checkpoint: str, output: str, rule: str, overwrite: bool, max_shard_siz
     """
     from ossconv.convert.precision import pack as run
 
-    return _write(
+    return write_command(
         out, "pack", run, src=checkpoint, out=output, rule=rule, overwrite=overwrite, max_shard_size=max_shard_size
     )
 
@@ -276,7 +184,7 @@ def convert(
     """
     from ossconv.convert.layout import convert as run
 
-    return _write(
+    return write_command(
         out,
         "convert",
         run,
@@ -341,8 +249,8 @@ def reshard(
         raise click.UsageError("--merge puts experts back together; it takes neither --ep-ranks nor --experts split.")
     options = dict(src=checkpoint, out=output, overwrite=overwrite, max_shard_size=max_shard_size)
     if merge_ranks:
-        return _write(out, "merge", run_merge, **options)
-    return _write(out, "reshard", run_reshard, experts=experts, ep_ranks=ep_ranks, **options)
+        return write_command(out, "merge", run_merge, **options)
+    return write_command(out, "reshard", run_reshard, experts=experts, ep_ranks=ep_ranks, **options)
 
 
 @cli.command()
@@ -449,41 +357,6 @@ def demo(folder: str | None, out: Output) -> int:
 # ---------------------------------------------------------------------------------------------- entry point
 
 
-def _error_line(error: BaseException) -> str:
-    if isinstance(error, OssconvError):
-        return str(error)
-    if isinstance(error, OSError):
-        where = f"{error.filename}: " if error.filename else ""
-        return f"{where}{error.strerror or error}"
-    return str(error)
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the command and turn every outcome into one exit code and at most one error line."""
-    from safetensors import SafetensorError
-
-    try:
-        code = cli.main(args=argv, prog_name="ossconv", standalone_mode=False)
-    except click.exceptions.Exit as done:
-        code = done.exit_code
-    except click.ClickException as error:
-        error.show()
-        code = EXIT_BAD_INPUT if error.exit_code != 0 else 0
-    except click.Abort:
-        click.echo("Aborted.", err=True)
-        code = EXIT_BAD_INPUT
-    except (OssconvError, OSError, SafetensorError, json.JSONDecodeError) as error:
-        if os.environ.get(DEBUG_ENV):
-            traceback.print_exc()
-        click.echo(f"Error: {_error_line(error)}", err=True)
-        code = getattr(error, "exit_code", EXIT_BAD_INPUT)
-    except Exception as error:  # a bug: one line, never mistaken for "checkpoints differ"
-        if os.environ.get(DEBUG_ENV):
-            traceback.print_exc()
-        click.echo(
-            f"Error: internal error in ossconv ({type(error).__name__}: {error}); "
-            f"rerun with {DEBUG_ENV}=1 for the traceback",
-            err=True,
-        )
-        code = EXIT_BUG
-    sys.exit(code if isinstance(code, int) else EXIT_OK)
+    """The ``ossconv`` entry point."""
+    run_group(cli, argv)

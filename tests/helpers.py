@@ -8,7 +8,8 @@ from ossconv import synthetic
 from ossconv.checkpoint import open_checkpoint
 
 # 3 layers (a bug planted in layer 1 must leave layer 0 alone), 8 experts top-4, 3 query heads per KV head,
-# window 4: down_proj [E, 96, 64] vs gate_up [E, 128, 96], no square expert matrix.
+# window 4: down_proj [E, 96, 64] vs gate_up [E, 128, 96], no square expert matrix; attention 6 x 24 = 144
+# wide against hidden 96 (as gpt-oss: 4096 vs 2880), so a transposed o_proj or qkv cannot pass.
 WIDER = synthetic.tiny_config(
     num_hidden_layers=3,
     num_experts=8,
@@ -17,7 +18,7 @@ WIDER = synthetic.tiny_config(
     intermediate_size=64,
     num_attention_heads=6,
     num_key_value_heads=2,
-    head_dim=16,
+    head_dim=24,
     sliding_window=4,
     vocab_size=300,
 )

@@ -230,3 +230,17 @@ def test_copy_falls_back_when_the_kernel_cannot_copy_between_file_systems(checkp
     convert(checkpoints["openai-mxfp4"], tmp_path / "out", to="openai")
     assert len(calls) == 1  # tried once, then read/write for the rest
     assert_byte_identical(checkpoints["openai-mxfp4"], tmp_path / "out")
+
+
+def test_writer_left_without_finish_removes_its_temporary_folder(tmp_path):
+    from ossconv.writer import WriterState
+
+    spec = TensorSpec("x", (4,), torch.float32)
+    with CheckpointWriter(tmp_path / "out", [spec]) as writer:
+        writer.write("x", torch.ones(4))
+        temp = writer.temp
+        assert temp.is_dir()
+    assert writer.state is WriterState.ABORTED
+    assert not temp.exists() and not (tmp_path / "out").exists()
+    with pytest.raises(RuntimeError, match="aborted"):
+        writer.write("x", torch.ones(4))

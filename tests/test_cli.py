@@ -6,6 +6,7 @@ import json
 import struct
 
 import pytest
+import torch
 from helpers import messages, one_error
 
 from ossconv.checkpoint import open_checkpoint
@@ -26,8 +27,11 @@ def test_inspect_json_is_one_document(run_cli, checkpoints):
     report = json.loads(result.out)
     assert (report["layout"], report["precision"], report["problems"]) == ("hf", "mxfp4", [])
     stats = report["mxfp4"][0]
-    assert stats["blocks"] == sum(stats["scale_histogram"].values()) == 4 * 192 * 2
-    assert 118 <= stats["scale_min"] <= stats["scale_max"] < 124
+    scales = open_checkpoint(checkpoints["hf-mxfp4"]).get(stats["scales_tensor"])  # counted here, apart
+    expected = {int(s): int(n) for s, n in zip(*torch.unique(scales, return_counts=True), strict=True)}
+    assert {int(s): n for s, n in stats["scale_histogram"].items()} == expected
+    assert stats["blocks"] == scales.numel() == 4 * 192 * 2
+    assert (stats["scale_min"], stats["scale_max"]) == (int(scales.min()), int(scales.max()))
     assert result.err == ""
 
 

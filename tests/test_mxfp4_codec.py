@@ -276,7 +276,8 @@ def test_docstring_examples():
     assert doctest.testmod(mxfp4).failed == 0
 
 
-def test_large_tensors_split_across_threads_give_the_same_bytes_and_errors():
+def test_large_tensors_split_across_threads_give_the_same_bytes_and_errors(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # split over threads even on a 1-core runner
     g = torch.Generator().manual_seed(9)
     rows = 3 * mxfp4._CHUNK_BLOCKS + 123  # several chunks: the work is split over threads
     blocks = torch.randint(0, 256, (rows, 16), generator=g, dtype=torch.uint8)

@@ -1,0 +1,144 @@
+"""The terminal side of the command line: where words and progress go, the options every command shares,
+and the mapping of every outcome to one exit code and at most one error line.
+
+Imports no torch, so ``ossconv --help`` and ``--version`` answer at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from ossconv import render
+from ossconv.errors import EXIT_BAD_INPUT, EXIT_BUG, EXIT_OK, OssconvError
+from ossconv.units import DEFAULT_MAX_SHARD_SIZE_TEXT, parse_size
+
+DEBUG_ENV = "OSSCONV_DEBUG"
+
+
+class Output:
+    """Where a command's words go: JSON (one document on stdout), text, or nothing (``--quiet``)."""
+
+    def __init__(self, as_json: bool, quiet: bool):
+        self.as_json = as_json
+        self.quiet = quiet
+
+    def text(self, message: str = "") -> None:
+        if not self.as_json and not self.quiet:
+            click.echo(message)
+
+    def result(self, data: dict[str, Any], render: Callable[[], None]) -> None:
+        if self.as_json:
+            click.echo(json.dumps(data, indent=2, default=str))
+        elif not self.quiet:
+            render()
+
+    def progress(self, description: str, unit: str = "B") -> BarProgress:
+        """A progress bar on stderr, shown only on a terminal and never with --json or --quiet."""
+        disable = self.as_json or self.quiet or not sys.stderr.isatty()
+        bar = tqdm(
+            total=0, desc=description, unit=unit, unit_scale=unit == "B", disable=disable, file=sys.stderr, leave=False
+        )
+        return BarProgress(bar)
+
+
+class BarProgress:
+    """A tqdm bar as the library's :class:`ossconv.progress.Progress`."""
+
+    def __init__(self, bar: tqdm):
+        self.bar = bar
+
+    def __call__(self, count: int) -> None:
+        self.bar.update(count)
+
+    def add_total(self, count: int) -> None:
+        self.bar.total = (self.bar.total or 0) + count
+        self.bar.refresh()
+
+    def __enter__(self) -> BarProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def output_options(function: Callable) -> Callable:
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout instead of text.")
+    @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+    @functools.wraps(function)
+    def wrapper(*args: Any, as_json: bool, quiet: bool, **kwargs: Any) -> Any:
+        return function(*args, out=Output(as_json, quiet), **kwargs)
+
+    return wrapper
+
+
+def write_options(function: Callable) -> Callable:
+    @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")
+    @click.option(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE_TEXT,
+        show_default=True,
+        help="Largest shard file, e.g. 500MB, 5GB, 2GiB.",
+    )
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def write_command(ui: Output, label: str, run: Callable[..., Any], **kwargs: Any) -> int:
+    """Run a library function that writes a checkpoint (by keyword), with a byte progress bar; print its result."""
+    kwargs["max_shard_size"] = parse_size(kwargs["max_shard_size"])
+    with ui.progress(label) as progress:
+        result = run(**kwargs, progress=progress)
+    ui.result(result.to_dict(), lambda: render.conversion_text(result))
+    return EXIT_OK
+
+
+def _error_line(error: BaseException) -> str:
+    if isinstance(error, OssconvError):
+        return str(error)
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror or error}"
+    return str(error)
+
+
+def run_group(cli: click.Group, argv: list[str] | None = None) -> None:
+    """Run the command and turn every outcome into one exit code and at most one error line."""
+    from safetensors import SafetensorError
+
+    try:
+        code = cli.main(args=argv, prog_name="ossconv", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        code = done.exit_code
+    except click.ClickException as error:
+        error.show()
+        code = EXIT_BAD_INPUT if error.exit_code != 0 else 0
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        code = EXIT_BAD_INPUT
+    except (OssconvError, OSError, SafetensorError, json.JSONDecodeError) as error:
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exc()
+        click.echo(f"Error: {_error_line(error)}", err=True)
+        code = getattr(error, "exit_code", EXIT_BAD_INPUT)
+    except Exception as error:  # a bug: one line, never mistaken for "checkpoints differ"
+        if os.environ.get(DEBUG_ENV):
+            traceback.print_exc()
+        click.echo(
+            f"Error: internal error in ossconv ({type(error).__name__}: {error}); "
+            f"rerun with {DEBUG_ENV}=1 for the traceback",
+            err=True,
+        )
+        code = EXIT_BUG
+    sys.exit(code if isinstance(code, int) else EXIT_OK)
