@@ -95,6 +95,11 @@ class Checkpoint:
         with open_file(info.file) as handle:
             return handle.get_tensor(name)
 
+    def canonical(self, name: str) -> torch.Tensor:
+        """A dense tensor by its canonical (OpenAI) name, in its stored dtype (HF's q/k/v rows re-fused)."""
+        parts = [self.get(part) for part, _, _ in layouts.layout_parts(self.layout, name, self.config)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
     def get_rows(self, name: str, start: int, stop: int | None = None) -> torch.Tensor:
         """``tensor[start:stop]`` along the first axis (one expert of a fused expert tensor), read alone."""
         info = self.info(name)

@@ -140,9 +140,10 @@ def pack(checkpoint: str, output: str, rule: str, overwrite: bool, max_shard_siz
 @click.option(
     "--to",
     "layout",
-    type=click.Choice(["openai", "hf"]),
+    type=click.Choice(["openai", "hf", "gguf"]),
     required=True,
-    help="Target layout: 'openai' (original/: fused qkv, mlp1/mlp2, dtypes.json) or 'hf' (transformers).",
+    help="Target layout: 'openai' (original/: fused qkv, mlp1/mlp2, dtypes.json), 'hf' (transformers) or "
+    "'gguf' (one file OUTPUT for llama.cpp, as its own converter writes it).",
 )
 @click.option(
     "--dtype",

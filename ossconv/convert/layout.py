@@ -14,6 +14,8 @@ from ossconv.convert.execute import run
 from ossconv.convert.plan import plan
 from ossconv.convert.target import ConversionResult, Target, WriteOptions, precision_of
 from ossconv.formats.precision import Precision
+
+GGUF = "gguf"
 from ossconv.progress import Progress
 from ossconv.units import DEFAULT_MAX_SHARD_SIZE
 
@@ -29,14 +31,19 @@ def convert(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     progress: Progress | None = None,
 ) -> ConversionResult:
-    """Write ``src`` in layout ``to`` (``openai`` or ``hf``); ``dtype`` (``mxfp4``, ``bf16``, ``fp16``,
-    ``fp32``, default: as the source) sets the expert weights' precision, every other tensor keeps its dtype;
+    """Write ``src`` in layout ``to`` (``openai``, ``hf``, or ``gguf``: one file for llama.cpp); ``dtype`` (``mxfp4``, ``bf16``, ``fp16``,
+    ``fp32``, default: as the source, MXFP4 for GGUF) sets the expert weights' precision, every other tensor keeps its dtype;
     ``rule`` is the MXFP4 scale rule when float experts are encoded.
 
     Example:
         >>> convert("gpt-oss-20b/original", "gpt-oss-20b-hf", to="hf")  # doctest: +SKIP
     """
     precision = None if dtype is None else precision_of(dtype)
+    if to == GGUF:
+        from ossconv.convert.to_gguf import convert_to_gguf
+
+        experts = precision or Precision.MXFP4
+        return convert_to_gguf(src, out, dtype=experts, rule=rule, overwrite=overwrite, progress=progress)
     Target(to, precision or Precision.MXFP4, rule)  # refuse bad options before reading anything
     ckpt = open_checkpoint(src)
     target = Target(to, precision or ckpt.precision, rule)

@@ -40,9 +40,7 @@ class WeightReader:
 
     def dense(self, name: str) -> torch.Tensor:
         """A canonical non-expert tensor (qkv is re-fused from HF's q/k/v rows)."""
-        parts = [self.ckpt.get(part) for part, _, _ in layouts.layout_parts(self.ckpt.layout, name, self.config)]
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return tensor.to(torch.float32)
+        return self.ckpt.canonical(name).to(torch.float32)
 
     def expert(self, layer: int, proj: str, expert: int) -> torch.Tensor:
         """One expert's ``[out, in]`` weight of ``mlp1`` (gate/up interleaved rows) or ``mlp2``."""
