@@ -14,10 +14,10 @@ from ossconv.convert.execute import run
 from ossconv.convert.plan import plan
 from ossconv.convert.target import ConversionResult, Target, WriteOptions, precision_of
 from ossconv.formats.precision import Precision
-
-GGUF = "gguf"
 from ossconv.progress import Progress
 from ossconv.units import DEFAULT_MAX_SHARD_SIZE
+
+GGUF = "gguf"
 
 
 def convert(
@@ -31,9 +31,10 @@ def convert(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     progress: Progress | None = None,
 ) -> ConversionResult:
-    """Write ``src`` in layout ``to`` (``openai``, ``hf``, or ``gguf``: one file for llama.cpp); ``dtype`` (``mxfp4``, ``bf16``, ``fp16``,
-    ``fp32``, default: as the source, MXFP4 for GGUF) sets the expert weights' precision, every other tensor keeps its dtype;
-    ``rule`` is the MXFP4 scale rule when float experts are encoded.
+    """Write ``src`` in layout ``to`` (``openai``, ``hf``, or ``gguf``: one file for llama.cpp). ``dtype``
+    (``mxfp4``, ``bf16``, ``fp16``, ``fp32``; default: as the source, MXFP4 for GGUF) sets the expert weights'
+    precision, every other tensor keeps its dtype; ``rule`` is the MXFP4 scale rule when float experts are
+    encoded.
 
     Example:
         >>> convert("gpt-oss-20b/original", "gpt-oss-20b-hf", to="hf")  # doctest: +SKIP
