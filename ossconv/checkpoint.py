@@ -100,6 +100,16 @@ class Checkpoint:
         parts = [self.get(part) for part, _, _ in layouts.layout_parts(self.layout, name, self.config)]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
+    def canonical_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a canonical dense tensor, reading only those rows."""
+        pieces = []
+        for part, first, last in layouts.layout_parts(self.layout, name, self.config):
+            last = self.info(part).shape[0] + first if last is None else last
+            lo, hi = max(start, first), min(stop, last)
+            if lo < hi:
+                pieces.append(self.get_rows(part, lo - first, hi - first))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+
     def get_rows(self, name: str, start: int, stop: int | None = None) -> torch.Tensor:
         """``tensor[start:stop]`` along the first axis (one expert of a fused expert tensor), read alone."""
         info = self.info(name)

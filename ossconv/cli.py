@@ -159,6 +159,13 @@ def pack(checkpoint: str, output: str, rule: str, overwrite: bool, max_shard_siz
     show_default=True,
     help="MXFP4 scale rule when --dtype mxfp4 packs float experts (see 'ossconv pack --help').",
 )
+@click.option(
+    "--lora",
+    "lora",
+    multiple=True,
+    type=click.Path(),
+    help="A PEFT LoRA adapter folder to merge while converting (repeatable: applied in order).",
+)
 @write_options
 @output_options
 def convert(
@@ -167,6 +174,7 @@ def convert(
     layout: str,
     dtype: str | None,
     rule: str,
+    lora: tuple[str, ...],
     overwrite: bool,
     max_shard_size: str,
     out: Output,
@@ -182,6 +190,8 @@ def convert(
     Examples:
       ossconv convert gpt-oss-20b/original gpt-oss-20b-hf --to hf
       ossconv convert finetuned-hf-bf16 finetuned-original --to openai --dtype mxfp4
+      ossconv convert gpt-oss-20b merged-mxfp4 --to hf --dtype mxfp4 --lora my-adapter
+      ossconv convert gpt-oss-20b gpt-oss-20b.gguf --to gguf
     """
     from ossconv.convert.layout import convert as run
 
@@ -194,6 +204,7 @@ def convert(
         to=layout,
         dtype=dtype,
         rule=rule,
+        lora=lora,
         overwrite=overwrite,
         max_shard_size=max_shard_size,
     )
@@ -283,6 +294,8 @@ def reshard(
     default=None,
     help="Write both runs' logits to a safetensors file (tensors a and b, float32 [tokens, vocab]).",
 )
+@click.option("--a-lora", multiple=True, type=click.Path(), help="Merge this LoRA adapter into A on the fly.")
+@click.option("--b-lora", multiple=True, type=click.Path(), help="Merge this LoRA adapter into B on the fly.")
 @output_options
 def verify(
     a: str,
@@ -297,6 +310,8 @@ def verify(
     report_path: str | None,
     save_logits: str | None,
     overwrite: bool,
+    a_lora: tuple[str, ...],
+    b_lora: tuple[str, ...],
     out: Output,
 ) -> int:
     """Run the reference gpt-oss forward pass on A and B in lockstep (fp32) and compare layer by layer.
@@ -328,6 +343,8 @@ def verify(
             save_logits=save_logits,
             overwrite=overwrite,
             progress=progress,
+            a_lora=a_lora,
+            b_lora=b_lora,
         )
     out.result(report.to_dict(), lambda: render.verify_text(report))
     return EXIT_OK if report.same else EXIT_DIFFER

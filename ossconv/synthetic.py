@@ -10,11 +10,13 @@ experts are exactly the decoded MXFP4 experts, so ``build(..., experts="bf16")``
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import zlib
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ossconv.checkpoint import CONFIG_NAME, DTYPES_NAME
 from ossconv.formats import layouts, mxfp4
@@ -131,3 +133,71 @@ def _config_json(config: ModelConfig, layout: str, precision: Precision, dense: 
     if layout == OPENAI:
         return config.to_openai()
     return config.to_hf(mxfp4=precision is Precision.MXFP4, torch_dtype=dense.config_name)
+
+
+def build_lora(
+    out: str | Path,
+    config: ModelConfig = TINY,
+    *,
+    rank: int = 4,
+    alpha: float = 8.0,
+    seed: int = 1,
+    layers: list[int] | None = None,
+    attention: bool = True,
+    experts: bool = True,
+) -> Path:
+    """Write a LoRA adapter for ``config`` in the form PEFT (0.17+) saves for gpt-oss: attention q/k/v/o
+    through ``target_modules``, both expert weights through ``target_parameters`` (gate_up under
+    ``.base_layer``, expert-major A and rank-major B). The tests check this form against PEFT itself; the
+    demo uses it so that it needs no PEFT.
+
+    Example:
+        >>> build_lora("/tmp/tiny-adapter", layers=[1])  # doctest: +SKIP
+    """
+    h, e, inter = config.hidden_size, config.num_experts, config.intermediate_size
+    tensors: dict[str, torch.Tensor] = {}
+
+    def pair(key: str, a_shape: tuple[int, int], b_shape: tuple[int, int]) -> None:
+        g = _generator(seed, key)
+        tensors[f"{key}.lora_A.weight"] = torch.randn(a_shape, generator=g) / math.sqrt(a_shape[1])
+        tensors[f"{key}.lora_B.weight"] = 0.05 * torch.randn(b_shape, generator=g)
+
+    chosen = range(config.num_hidden_layers) if layers is None else layers
+    for n in chosen:
+        p = f"base_model.model.model.layers.{n}."
+        if attention:
+            for proj, out_f, in_f in (
+                ("q_proj", config.q_dim, h),
+                ("k_proj", config.kv_dim, h),
+                ("v_proj", config.kv_dim, h),
+                ("o_proj", h, config.q_dim),
+            ):
+                pair(f"{p}self_attn.{proj}", (rank, in_f), (out_f, rank))
+        if experts:
+            pair(f"{p}mlp.experts.base_layer", (rank * e, h), (2 * inter, rank * e))  # gate_up_proj
+            pair(f"{p}mlp.experts", (rank * e, inter), (h, rank * e))  # down_proj
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    scopes = [""] if layers is None else [f"{n}." for n in chosen]
+    adapter_config = {
+        "peft_type": "LORA",
+        "peft_version": "0.21.2",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"] if attention else None,
+        "target_parameters": [f"{s}mlp.experts.{w}" for s in scopes for w in ("gate_up_proj", "down_proj")]
+        if experts
+        else None,
+        "layers_to_transform": None if layers is None else list(chosen),
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+    return folder

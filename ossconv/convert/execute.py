@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
+from ossconv.adapters import merge_expert, merge_rows
 from ossconv.checkpoint import Checkpoint
-from ossconv.convert.plan import Copy, Plan, Reencode
+from ossconv.convert.plan import Copy, Merge, Plan, Reencode
 from ossconv.convert.target import ConversionResult, WriteOptions
 from ossconv.errors import CheckpointError
 from ossconv.formats import mxfp4
@@ -20,17 +21,26 @@ from ossconv.formats.layouts import ExpertWeight
 from ossconv.formats.precision import Precision
 from ossconv.writer import CheckpointWriter, check_output_apart
 
+MERGE_ROWS = 16384  # rows of a dense tensor merged at a time: an embedding never sits whole in fp32
 
-def execute(plan: Plan, writer: CheckpointWriter) -> None:
-    """Write every planned tensor into ``writer`` (which was opened with ``plan.specs``)."""
+
+def execute(plan: Plan, writer: CheckpointWriter) -> list[dict[str, object]]:
+    """Write every planned tensor into ``writer`` (which was opened with ``plan.specs``); returns what merging
+    adapters did to each tensor it touched (empty without adapters)."""
+    merged: list[dict[str, object]] = []
     for step in plan.steps:
         if isinstance(step, Copy):
             offset = 0
             for piece in step.sources:
                 writer.copy(step.target, piece.tensor, start=piece.start, nbytes=piece.nbytes, offset=offset)
                 offset += piece.nbytes
+        elif isinstance(step, Merge):
+            merged.append(_merge_dense(plan, step, writer))
         else:
-            _reencode(plan, step, writer)
+            report = _reencode(plan, step, writer)
+            if report:
+                merged.append(report)
+    return merged
 
 
 def run(
@@ -45,7 +55,7 @@ def run(
     with CheckpointWriter(
         out, plan.specs, max_shard_size=options.max_shard_size, overwrite=options.overwrite, progress=options.progress
     ) as writer:
-        execute(plan, writer)
+        merged = execute(plan, writer)
         if gate is not None:
             gate()
         writer.finish(plan.json_files, ckpt.side_files)
@@ -61,6 +71,9 @@ def run(
         files=len(writer.files),
         bytes_written=sum(p.stat().st_size for p in out.iterdir() if p.suffix == ".safetensors"),
         seconds=time.perf_counter() - started,
+        details={"lora": {"adapters": [a.describe() for a in plan.target.adapters], "tensors": merged}}
+        if plan.target.adapters
+        else {},
     )
 
 
@@ -82,8 +95,10 @@ def write_expert_weight(
     *,
     rule: str = "up",
     source_file: Path | None = None,
+    encoded: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> None:
-    """Write ``[out, in]`` expert slices as ``weight`` in ``precision``, expert after expert."""
+    """Write ``[out, in]`` expert slices as ``weight`` in ``precision``, expert after expert; ``encoded`` is
+    shown each slice with its MXFP4 blocks and scales."""
     if precision is Precision.MXFP4:
         blocks_spec, scales_spec = weight.packed_specs()
         blocks = torch.empty(blocks_spec.shape[1:], dtype=torch.uint8)
@@ -93,6 +108,8 @@ def write_expert_weight(
                 mxfp4.encode(matrix, rule, out=(blocks, scales))
             except mxfp4.NonFiniteError as error:
                 raise CheckpointError(f"{weight.float_name} expert {expert}: {error}", source_file) from None
+            if encoded is not None:
+                encoded(matrix, blocks, scales)
             writer.write(weight.blocks, blocks, expert * blocks.numel())
             writer.write(weight.scales, scales, expert * scales.numel())
         return
@@ -107,15 +124,73 @@ def write_expert_weight(
         writer.write(weight.float_name, data, expert * per_expert)
 
 
-def _reencode(plan: Plan, step: Reencode, writer: CheckpointWriter) -> None:
+class _MergeStats:
+    """||delta|| / ||W|| over a whole tensor and, when it is re-quantized, the relative RMS error that cost."""
+
+    def __init__(self, name: str):
+        self.name, self.base, self.delta, self.error, self.merged = name, 0.0, 0.0, 0.0, 0.0
+
+    def add(self, base: torch.Tensor, merged: torch.Tensor) -> None:
+        self.base += float(base.double().pow(2).sum())
+        self.delta += float((merged.double() - base.double()).pow(2).sum())
+
+    def quantized(self, merged: torch.Tensor, stored: torch.Tensor) -> None:
+        self.merged += float(merged.double().pow(2).sum())
+        self.error += float((stored.double() - merged.double()).pow(2).sum())
+
+    def report(self) -> dict[str, object]:
+        found: dict[str, object] = {
+            "tensor": self.name,
+            "delta_ratio": (self.delta / self.base) ** 0.5 if self.base else 0.0,
+        }
+        if self.merged:
+            found["quantization_rms_error"] = (self.error / self.merged) ** 0.5
+        return found
+
+
+def _merge_dense(plan: Plan, step: Merge, writer: CheckpointWriter) -> dict[str, object]:
+    ckpt, adapters = plan.source, plan.target.adapters
+    stats = _MergeStats(step.target)
+    dtype = writer.slots[step.target].spec.dtype
+    row_bytes = writer.slots[step.target].spec.nbytes // max(1, step.stop - step.start)
+    for lo in range(step.start, step.stop, MERGE_ROWS):
+        hi = min(step.stop, lo + MERGE_ROWS)
+        base = ckpt.canonical_rows(step.canonical, lo, hi).float()
+        merged = merge_rows(adapters, step.canonical, lo, hi, base.clone())
+        stats.add(base, merged)
+        writer.write(step.target, merged.to(dtype), (lo - step.start) * row_bytes)
+    return stats.report()
+
+
+def _merged_slices(plan: Plan, weight: ExpertWeight, stats: _MergeStats) -> Iterator[torch.Tensor]:
+    """Each expert as fp32 ``[out, in]`` with the adapters' deltas added."""
+    for expert in range(weight.num_experts):
+        base = plan.source.get_expert(weight, expert, torch.float32)
+        merged = merge_expert(plan.target.adapters, weight.layer, weight.proj, expert, base.clone())
+        stats.add(base, merged)
+        yield merged
+
+
+def _reencode(plan: Plan, step: Reencode, writer: CheckpointWriter) -> dict[str, object] | None:
     ckpt, target = plan.source, plan.target
+    stored = step.source.blocks if ckpt.precision is Precision.MXFP4 else step.source.float_name
+    source_file = ckpt.info(stored).file
+    if any((step.source.layer, step.source.proj) in a.experts for a in target.adapters):
+        stats = _MergeStats(step.target.blocks if target.precision is Precision.MXFP4 else step.target.float_name)
+
+        def encoded(merged: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> None:
+            stats.quantized(merged, mxfp4.decode(blocks, scales, torch.float32))
+
+        slices = _merged_slices(plan, step.source, stats)
+        write_expert_weight(
+            writer, step.target, target.precision, slices, rule=target.rule, source_file=source_file, encoded=encoded
+        )
+        return stats.report()
     # Encoding reads source floats as they are (MXFP4 sources decode to fp32, exactly).
     if target.precision is Precision.MXFP4:
         dtype = ckpt.precision.torch_dtype if ckpt.precision.is_float else torch.float32
     else:
         dtype = target.precision.torch_dtype
-    stored = step.source.blocks if ckpt.precision is Precision.MXFP4 else step.source.float_name
     slices = expert_slices(ckpt, step.source, dtype)
-    write_expert_weight(
-        writer, step.target, target.precision, slices, rule=target.rule, source_file=ckpt.info(stored).file
-    )
+    write_expert_weight(writer, step.target, target.precision, slices, rule=target.rule, source_file=source_file)
+    return None

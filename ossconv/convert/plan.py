@@ -45,13 +45,25 @@ class Copy:
 
 @dataclass(frozen=True)
 class Reencode:
-    """Output expert weight ``target`` is ``source`` re-expressed, one expert at a time."""
+    """Output expert weight ``target`` is ``source`` re-expressed, one expert at a time (LoRA deltas of the
+    target's adapters added on the way)."""
 
     source: ExpertWeight
     target: ExpertWeight
 
 
-Step = Copy | Reencode
+@dataclass(frozen=True)
+class Merge:
+    """Output tensor ``target`` is rows ``start:stop`` of canonical dense tensor ``canonical`` with the
+    target's adapters merged, in the source dtype."""
+
+    target: str
+    canonical: str
+    start: int
+    stop: int
+
+
+Step = Copy | Reencode | Merge
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,8 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
     split = target.experts is ExpertForm.SPLIT
     if split and (target.layout != ckpt.layout or target.precision is not ckpt.precision):
         raise CheckpointError("splitting experts keeps layout and precision; convert first, then reshard", ckpt.path)
+    if split and target.adapters:
+        raise CheckpointError("adapters are merged into fused experts; merge first, then reshard", ckpt.path)
     cfg = ckpt.config
     target_weights = {(w.layer, w.proj): w for w in layouts.expert_weights(target.layout, cfg)}
     source_weights = {(w.layer, w.proj): w for w in ckpt.expert_weights}
@@ -81,7 +95,8 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
     for item in layouts.canonical_tensors(cfg):
         if isinstance(item, ExpertWeight):
             source, output = source_weights[(item.layer, item.proj)], target_weights[(item.layer, item.proj)]
-            if _same_stored_form(ckpt.precision, target.precision, source, output):
+            touched = any((item.layer, item.proj) in adapter.experts for adapter in target.adapters)
+            if not touched and _same_stored_form(ckpt.precision, target.precision, source, output):
                 for spec, stored in zip(output.specs(target.precision), source.specs(ckpt.precision), strict=True):
                     whole = [ByteRange(*piece) for piece in ckpt.byte_pieces(stored.name)]
                     _add_copies(specs, steps, spec, whole, 0, spec.nbytes, split, target.expert_range)
@@ -89,8 +104,14 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
                 specs += output.specs(target.precision)
                 steps.append(Reencode(source, output))
             continue
+        touched = any(adapter.touches(item.name) for adapter in target.adapters)
         for spec, mapped, lo, hi in _dense_parts(ckpt, item.name, target.layout):
-            _add_copies(specs, steps, spec, mapped, lo, hi, split, target.expert_range)
+            if touched:
+                row_bytes = spec.nbytes // spec.shape[0] if spec.shape else spec.nbytes
+                specs.append(spec)
+                steps.append(Merge(spec.name, item.name, lo // row_bytes, hi // row_bytes))
+            else:
+                _add_copies(specs, steps, spec, mapped, lo, hi, split, target.expert_range)
     return Plan(ckpt, target, specs, steps, _json_files(ckpt, target, specs))
 
 

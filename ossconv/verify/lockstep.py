@@ -11,11 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from ossconv.adapters import load_adapters
 from ossconv.checkpoint import Checkpoint, open_checkpoint
 from ossconv.errors import OssconvError
 from ossconv.progress import NoProgress, Progress
@@ -36,6 +38,7 @@ class CheckpointIdentity:
     layout: str
     precision: str
     config_sha256: str
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters merged on the fly
 
 
 @dataclass
@@ -141,6 +144,8 @@ def verify(
     save_logits: str | Path | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    a_lora: Sequence[str | Path] = (),
+    b_lora: Sequence[str | Path] = (),
 ) -> VerifyReport:
     """Run A and B in lockstep on ``tokens`` (or ids read from ``prompt_tokens``, or ``num_tokens`` random
     ones, default 32) and compare after the embedding, every layer and the logits.
@@ -148,7 +153,9 @@ def verify(
     ``exact`` requires bit-identical states and logits; otherwise ``atol`` (default 1e-3) bounds every
     hidden state and the logits, and ``kl_max`` (default 1e-4) the KL divergence at every position.
     ``report`` and ``save_logits`` write the JSON report and both runs' logits (safetensors, tensors ``a``
-    and ``b``); neither replaces a file without ``overwrite``. ``progress`` counts layers.
+    and ``b``); neither replaces a file without ``overwrite``. ``progress`` counts layers. ``a_lora`` /
+    ``b_lora``: PEFT LoRA adapters merged into that side's weights as they are read, so that
+    ``verify(base, merged, a_lora=[adapter])`` proves a merge without writing a float model.
 
     Example:
         >>> report = verify("gpt-oss-20b/original", "gpt-oss-20b-hf")  # doctest: +SKIP
@@ -168,7 +175,10 @@ def verify(
     _check_pair(ckpt_a, ckpt_b, tokens)
     result = VerifyReport(identity(ckpt_a), identity(ckpt_b), tokens, "exact" if exact else "tolerance", atol, kl_max)
     progress.add_total(ckpt_a.config.num_hidden_layers + 1)
-    weights_a, weights_b = model.WeightReader(ckpt_a), model.WeightReader(ckpt_b)
+    weights_a = model.WeightReader(ckpt_a, load_adapters(a_lora, ckpt_a))
+    weights_b = model.WeightReader(ckpt_b, load_adapters(b_lora, ckpt_b))
+    result.a.adapters = [str(path) for path in a_lora]
+    result.b.adapters = [str(path) for path in b_lora]
     ids = torch.tensor(tokens)
     rotary = model.rotary_cos_sin(ckpt_a.config, len(tokens))
 

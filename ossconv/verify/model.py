@@ -18,9 +18,11 @@ router picks for these tokens are read and decoded.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
+from ossconv.adapters import Adapter, merge_expert, merge_rows
 from ossconv.checkpoint import Checkpoint
 from ossconv.formats import layouts
 from ossconv.formats.config import ModelConfig
@@ -31,20 +33,32 @@ UNEMBED_ROWS = 16384  # vocabulary rows per step: 190 MB of fp32 at hidden 2880,
 
 
 class WeightReader:
-    """Canonical (OpenAI-named, ``[out, in]``) fp32 weights from a checkpoint in either layout."""
+    """Canonical (OpenAI-named, ``[out, in]``) fp32 weights from a checkpoint in either layout, with LoRA
+    ``adapters`` merged on the fly as the weights are read."""
 
-    def __init__(self, ckpt: Checkpoint):
+    def __init__(self, ckpt: Checkpoint, adapters: Sequence[Adapter] = ()):
         self.ckpt = ckpt
         self.config = ckpt.config
+        self.adapters = tuple(adapters)
         self._experts = {(w.layer, w.proj): w for w in layouts.expert_weights(ckpt.layout, ckpt.config)}
 
     def dense(self, name: str) -> torch.Tensor:
         """A canonical non-expert tensor (qkv is re-fused from HF's q/k/v rows)."""
-        return self.ckpt.canonical(name).to(torch.float32)
+        return self.rows(name, 0, None)
+
+    def rows(self, name: str, start: int, stop: int | None) -> torch.Tensor:
+        """Rows ``start:stop`` of a canonical dense tensor (None: to the end)."""
+        if stop is None and start == 0:
+            values = self.ckpt.canonical(name).to(torch.float32)
+            stop = values.shape[0] if values.dim() else 0
+        else:
+            values = self.ckpt.canonical_rows(name, start, stop).to(torch.float32)
+        return merge_rows(self.adapters, name, start, stop, values) if self.adapters else values
 
     def expert(self, layer: int, proj: str, expert: int) -> torch.Tensor:
         """One expert's ``[out, in]`` weight of ``mlp1`` (gate/up interleaved rows) or ``mlp2``."""
-        return self.ckpt.get_expert(self._experts[(layer, proj)], expert, torch.float32)
+        matrix = self.ckpt.get_expert(self._experts[(layer, proj)], expert, torch.float32)
+        return merge_expert(self.adapters, layer, proj, expert, matrix) if self.adapters else matrix
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -133,9 +147,8 @@ def moe(x: torch.Tensor, weights: WeightReader, layer: int) -> torch.Tensor:
 
 
 def embed(weights: WeightReader, tokens: torch.Tensor) -> torch.Tensor:
-    name = layouts.layout_parts(weights.ckpt.layout, "embedding.weight", weights.config)[0][0]
-    rows = [weights.ckpt.get_rows(name, int(t))[0] for t in tokens]  # read only the rows used
-    return torch.stack(rows).to(torch.float32)
+    rows = [weights.rows("embedding.weight", int(t), int(t) + 1)[0] for t in tokens]  # read only the rows used
+    return torch.stack(rows)
 
 
 def block(
@@ -146,11 +159,10 @@ def block(
 
 def unembed(x: torch.Tensor, weights: WeightReader) -> torch.Tensor:
     x = rms_norm(x, weights.dense("norm.scale"))
-    name = layouts.layout_parts(weights.ckpt.layout, "unembedding.weight", weights.config)[0][0]
     vocab = weights.config.vocab_size
     chunks = []
     for start in range(0, vocab, UNEMBED_ROWS):
-        rows = weights.ckpt.get_rows(name, start, min(vocab, start + UNEMBED_ROWS)).to(torch.float32)
+        rows = weights.rows("unembedding.weight", start, min(vocab, start + UNEMBED_ROWS))
         chunks.append(x @ rows.T)
     return torch.cat(chunks, dim=-1)
 

@@ -1,0 +1,291 @@
+"""LoRA adapters (as PEFT writes them for gpt-oss) read, checked against a base checkpoint, and applied.
+
+An Adapter maps onto the base in canonical terms: deltas on rows of canonical dense tensors (q/k/v land on
+rows of the fused ``attn.qkv``), per-expert deltas on expert weights (``[out, in]``), and whole-tensor
+replacements (``modules_to_save``). Every tensor in the adapter file is accounted for, or loading fails:
+nothing is silently dropped. Adapters are small (rank x width); replacements are read when used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ossconv.checkpoint import Checkpoint
+from ossconv.errors import CheckpointError
+from ossconv.files import inside_folder, open_file, read_json
+from ossconv.formats import layouts, peft
+from ossconv.formats.layouts import HF
+
+SHOWN_UNKNOWN = 3
+
+
+@dataclass(frozen=True)
+class RowDelta:
+    """A low-rank delta on rows ``start:stop`` of a canonical dense tensor (a linear layer or an embedding)."""
+
+    canonical: str
+    start: int
+    stop: int
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    embedding: bool = False
+
+    def rows(self, lo: int, hi: int) -> tuple[int, int, torch.Tensor] | None:
+        """The delta on canonical rows ``lo:hi``: (first, stop, values) of the overlap, or None."""
+        first, stop = max(lo, self.start), min(hi, self.stop)
+        if first >= stop:
+            return None
+        if self.embedding:
+            values = peft.embedding_delta_rows(self.a, self.b, self.scale, first - self.start, stop - self.start)
+        else:
+            values = self.scale * (self.b[first - self.start : stop - self.start].float() @ self.a.float())
+        return first, stop, values
+
+
+@dataclass(frozen=True)
+class ExpertDelta:
+    layer: int
+    proj: str
+    a: torch.Tensor
+    b: torch.Tensor
+    rank: int
+    scale: float
+    num_experts: int
+
+    def delta(self, expert: int) -> torch.Tensor:
+        return peft.expert_delta(self.a, self.b, self.rank, self.num_experts, expert, self.scale)
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A whole base tensor from ``modules_to_save``: rows ``start:stop`` of a canonical tensor."""
+
+    canonical: str
+    start: int
+    stop: int
+    file: Path
+    key: str
+
+    def rows(self, lo: int, hi: int) -> tuple[int, int, torch.Tensor] | None:
+        first, stop = max(lo, self.start), min(hi, self.stop)
+        if first >= stop:
+            return None
+        with open_file(self.file) as handle:
+            values = handle.get_slice(self.key)[first - self.start : stop - self.start]
+        return first, stop, values.float()
+
+
+@dataclass
+class Adapter:
+    path: Path
+    rows: list[RowDelta | Replacement] = field(default_factory=list)
+    experts: dict[tuple[int, str], ExpertDelta] = field(default_factory=dict)
+
+    def touches(self, canonical: str) -> bool:
+        return any(term.canonical == canonical for term in self.rows)
+
+    def apply_rows(self, canonical: str, lo: int, hi: int, values: torch.Tensor) -> None:
+        """Merge into ``values`` (fp32 canonical rows ``lo:hi``): replacements first, then deltas."""
+        terms = [t for t in self.rows if t.canonical == canonical]
+        for term in sorted(terms, key=lambda t: not isinstance(t, Replacement)):
+            found = term.rows(lo, hi)
+            if found is None:
+                continue
+            first, stop, update = found
+            if isinstance(term, Replacement):
+                values[first - lo : stop - lo] = update
+            else:
+                values[first - lo : stop - lo] += update
+
+    def describe(self) -> dict[str, object]:
+        canonical = sorted({t.canonical for t in self.rows})
+        return {"path": str(self.path), "dense": canonical, "experts": [f"block.{n}.mlp.{p}" for n, p in self.experts]}
+
+
+def merge_rows(adapters: Sequence[Adapter], canonical: str, lo: int, hi: int, values: torch.Tensor) -> torch.Tensor:
+    for adapter in adapters:
+        adapter.apply_rows(canonical, lo, hi, values)
+    return values
+
+
+def merge_expert(adapters: Sequence[Adapter], layer: int, proj: str, expert: int, matrix: torch.Tensor) -> torch.Tensor:
+    for adapter in adapters:
+        term = adapter.experts.get((layer, proj))
+        if term is not None:
+            matrix += term.delta(expert)
+    return matrix
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_adapter(folder: str | Path, ckpt: Checkpoint) -> Adapter:
+    """Read a PEFT LoRA adapter folder and check every tensor against ``ckpt``'s model."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError("no such adapter folder", folder)
+    config_path, weights = folder / peft.CONFIG_NAME, folder / peft.WEIGHTS_NAME
+    if not weights.is_file() or not inside_folder(folder, weights):
+        pickles = [name for name in peft.PICKLE_NAMES if (folder / name).exists()]
+        if pickles:
+            raise CheckpointError(
+                f"holds only pickled weights ({pickles[0]}); ossconv never loads pickles: re-save the adapter "
+                "with safe_serialization=True",
+                folder,
+            )
+        raise CheckpointError(f"{peft.WEIGHTS_NAME} is missing", folder)
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{peft.CONFIG_NAME} is missing (it holds lora_alpha, without which r cannot scale)", folder
+        )
+    config = read_json(config_path)
+    _check_config(config, config_path)
+    with open_file(weights) as handle:  # LoRA factors are small; replacements are only measured here
+        tensors = {
+            key: handle.get_tensor(key) if ".lora_" in key else _Shape(tuple(handle.get_slice(key).get_shape()))
+            for key in handle.keys()
+        }
+    return _map(folder, weights, config, tensors, ckpt)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    shape: tuple[int, ...]
+
+
+def _check_config(config: dict[str, Any], path: Path) -> None:
+    if config.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"peft_type {config.get('peft_type')!r} is not LoRA", path)
+    if config.get("use_dora"):
+        raise CheckpointError(
+            "use_dora: DoRA adapters are not supported (their magnitudes are not a low-rank delta)", path
+        )
+    if config.get("bias", "none") != "none":
+        raise CheckpointError(f"bias {config.get('bias')!r}: only adapters with bias 'none' are supported", path)
+    if config.get("lora_bias"):
+        raise CheckpointError("lora_bias: adapters that train biases are not supported", path)
+
+
+def _hf_dense_parts(ckpt: Checkpoint) -> dict[str, tuple[str, int, int, tuple[int, ...]]]:
+    """HF parameter name -> (canonical name, first row, stop row, HF shape) for every dense tensor."""
+    found = {}
+    for item in layouts.canonical_tensors(ckpt.config):
+        if isinstance(item, layouts.ExpertWeight):
+            continue
+        for name, start, stop in layouts.layout_parts(HF, item.name, ckpt.config):
+            stop = item.shape[0] if stop is None else stop
+            found[name] = (item.name, start, stop, (stop - start, *item.shape[1:]))
+    return found
+
+
+def _map(folder: Path, weights: Path, config: dict, tensors: dict[str, torch.Tensor], ckpt: Checkpoint) -> Adapter:
+    cfg = ckpt.config
+    dense = _hf_dense_parts(ckpt)
+    adapter = Adapter(folder)
+    unknown: list[str] = []
+    pairs: dict[tuple[str, bool], dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        path = key.removeprefix(peft.PREFIX)
+        linear, embedding = peft.LINEAR_KEY.fullmatch(path), peft.EMBEDDING_KEY.fullmatch(path)
+        match = linear or embedding
+        if match:
+            pairs.setdefault((match["module"], embedding is not None), {})[match["half"]] = tensor
+        elif path in dense:  # modules_to_save: a whole replacement tensor
+            canonical, start, stop, shape = dense[path]
+            _check_shape(key, tuple(tensor.shape), shape, weights)
+            adapter.rows.append(Replacement(canonical, start, stop, weights, key))
+        elif path.endswith(".base_layer.weight") and path.replace(".base_layer", "") in dense:
+            canonical, start, stop, shape = dense[path.replace(".base_layer", "")]  # saved with embedding targets
+            _check_shape(key, tuple(tensor.shape), shape, weights)
+            adapter.rows.append(Replacement(canonical, start, stop, weights, key))
+        else:
+            unknown.append(key)
+    swapped = peft.base_version(config.get("peft_version")) in peft.SWAPPED_EXPERTS_VERSIONS
+    for (module, is_embedding), halves in pairs.items():
+        if set(halves) != {"A", "B"}:
+            unknown.append(f"{module} (lora_{''.join(halves)} without its partner)")
+            continue
+        a, b = halves["A"], halves["B"]
+        experts = peft.EXPERTS_MODULE.fullmatch(module)
+        if experts and not is_embedding:
+            if swapped:
+                raise CheckpointError(
+                    f"written by PEFT {config.get('peft_version')}, which stored expert LoRA with in and out "
+                    "swapped; load it with PEFT >= 0.19.1 and save it again",
+                    folder / peft.CONFIG_NAME,
+                )
+            term = _expert_term(int(experts["layer"]), a, b, config, cfg.num_experts, cfg, weights)
+            if (term.layer, term.proj) in adapter.experts:
+                raise CheckpointError(f"two LoRA pairs for block.{term.layer}.mlp.{term.proj}", weights)
+            adapter.experts[(term.layer, term.proj)] = term
+            continue
+        name = module + ".weight"
+        if name not in dense:
+            unknown.append(f"{peft.PREFIX}{module}.lora_{'embedding_' if is_embedding else ''}A")
+            continue
+        canonical, start, stop, shape = dense[name]
+        rank, scale = peft.scaling(config, _pattern_path(module, config))
+        if is_embedding:
+            expected_a, expected_b = (rank, shape[0]), (shape[1], rank)
+        else:
+            expected_a, expected_b = (rank, shape[1]), (shape[0], rank)
+        _check_shape(f"{peft.PREFIX}{module} lora_A", tuple(a.shape), expected_a, weights)
+        _check_shape(f"{peft.PREFIX}{module} lora_B", tuple(b.shape), expected_b, weights)
+        adapter.rows.append(RowDelta(canonical, start, stop, a, b, scale, embedding=is_embedding))
+    if unknown:
+        shown = ", ".join(unknown[:SHOWN_UNKNOWN]) + (
+            f" and {len(unknown) - SHOWN_UNKNOWN} more" if len(unknown) > SHOWN_UNKNOWN else ""
+        )
+        raise CheckpointError(f"{len(unknown)} adapter tensor(s) match nothing in the base model: {shown}", weights)
+    return adapter
+
+
+def _pattern_path(module: str, config: dict[str, Any]) -> str:
+    """rank/alpha patterns match module paths, or parameter paths for ``target_parameters`` entries."""
+    parameter = module + ".weight"
+    for target in config.get("target_parameters") or []:
+        if parameter == target or parameter.endswith("." + target):
+            return parameter
+    return module
+
+
+def _expert_term(
+    layer: int, a: torch.Tensor, b: torch.Tensor, config: dict, experts: int, cfg, weights: Path
+) -> ExpertDelta:
+    shapes = {"mlp1": (cfg.hidden_size, 2 * cfg.intermediate_size), "mlp2": (cfg.intermediate_size, cfg.hidden_size)}
+    names = {"mlp1": "gate_up_proj", "mlp2": "down_proj"}
+    where = f"{peft.PREFIX}model.layers.{layer}.mlp.experts"
+    found = [proj for proj, (_, out) in shapes.items() if b.shape[0] == out]
+    if len(found) != 1 or a.dim() != 2 or b.dim() != 2:
+        swapped = [proj for proj, (inp, out) in shapes.items() if a.shape[-1] == out and b.shape[0] == inp]
+        if swapped:
+            raise CheckpointError(
+                f"{where}: expert LoRA with in and out swapped (as PEFT 0.19.0 wrote it); load it with PEFT >= "
+                "0.19.1 and save it again",
+                weights,
+            )
+        raise CheckpointError(f"{where}: lora_B has {list(b.shape)} rows, no expert weight of this model has", weights)
+    proj = found[0]
+    inp, out = shapes[proj]
+    rank, scale = peft.scaling(config, f"model.layers.{layer}.mlp.experts.{names[proj]}")
+    _check_shape(f"{where} ({names[proj]}) lora_A", tuple(a.shape), (rank * experts, inp), weights)
+    _check_shape(f"{where} ({names[proj]}) lora_B", tuple(b.shape), (out, rank * experts), weights)
+    return ExpertDelta(layer, proj, a, b, rank, scale, experts)
+
+
+def _check_shape(what: str, shape: tuple[int, ...], expected: tuple[int, ...], weights: Path) -> None:
+    if shape != expected:
+        raise CheckpointError(
+            f"{what} has shape {list(shape)}, the base model implies {list(expected)} (an adapter for another model?)",
+            weights,
+        )
+
+
+def load_adapters(folders: Sequence[str | Path], ckpt: Checkpoint) -> tuple[Adapter, ...]:
+    return tuple(load_adapter(folder, ckpt) for folder in folders)
