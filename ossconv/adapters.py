@@ -87,8 +87,10 @@ class Adapter:
     rows: list[RowDelta | Replacement] = field(default_factory=list)
     experts: dict[tuple[int, str], ExpertDelta] = field(default_factory=dict)
 
-    def touches(self, canonical: str) -> bool:
-        return any(term.canonical == canonical for term in self.rows)
+    def touches(self, canonical: str, start: int = 0, stop: int | None = None) -> bool:
+        """Whether any term changes rows ``start:stop`` (None: to the end) of ``canonical``."""
+        end = float("inf") if stop is None else stop
+        return any(t.canonical == canonical and t.start < end and t.stop > start for t in self.rows)
 
     def apply_rows(self, canonical: str, lo: int, hi: int, values: torch.Tensor) -> None:
         """Merge into ``values`` (fp32 canonical rows ``lo:hi``): replacements first, then deltas."""
@@ -261,16 +263,21 @@ def _expert_term(
     shapes = {"mlp1": (cfg.hidden_size, 2 * cfg.intermediate_size), "mlp2": (cfg.intermediate_size, cfg.hidden_size)}
     names = {"mlp1": "gate_up_proj", "mlp2": "down_proj"}
     where = f"{peft.PREFIX}model.layers.{layer}.mlp.experts"
-    found = [proj for proj, (_, out) in shapes.items() if b.shape[0] == out]
-    if len(found) != 1 or a.dim() != 2 or b.dim() != 2:
-        swapped = [proj for proj, (inp, out) in shapes.items() if a.shape[-1] == out and b.shape[0] == inp]
-        if swapped:
+    factors = (a.shape[-1], b.shape[0]) if a.dim() == 2 and b.dim() == 2 else None
+    found = [proj for proj, (inp, out) in shapes.items() if factors == (inp, out)]
+    if len(found) != 1:
+        if any(factors == (out, inp) for inp, out in shapes.values()):
             raise CheckpointError(
                 f"{where}: expert LoRA with in and out swapped (as PEFT 0.19.0 wrote it); load it with PEFT >= "
                 "0.19.1 and save it again",
                 weights,
             )
-        raise CheckpointError(f"{where}: lora_B has {list(b.shape)} rows, no expert weight of this model has", weights)
+        raise CheckpointError(
+            f"{where}: LoRA factors of shapes {list(a.shape)} and {list(b.shape)} fit no expert weight of this "
+            f"model (gate_up [{2 * cfg.intermediate_size}, {cfg.hidden_size}], down [{cfg.hidden_size}, "
+            f"{cfg.intermediate_size}]): an adapter for another model?",
+            weights,
+        )
     proj = found[0]
     inp, out = shapes[proj]
     rank, scale = peft.scaling(config, f"model.layers.{layer}.mlp.experts.{names[proj]}")

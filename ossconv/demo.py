@@ -138,6 +138,21 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
         result = merge(path(source), path(target), overwrite=True)
         return True, f"{result.details['merged_ranks']} ranks checked against the manifest and merged"
 
+    def make_adapter(name: str) -> tuple[bool, str]:
+        synthetic.build_lora(path(name), layers=[1], attention=False)  # experts: merged exactly in fp32
+        return True, "rank 4 on both expert weights of layer 1"
+
+    def do_lora(source: str, adapter: str, target: str, layout: str, dtype: str) -> tuple[bool, str]:
+        result = convert(path(source), path(target), to=layout, dtype=dtype, lora=[path(adapter)], overwrite=True)
+        merged = result.details["lora"]["tensors"]
+        errors = [t["quantization_rms_error"] for t in merged if "quantization_rms_error" in t]
+        detail = f"{len(merged)} tensors merged, largest ||delta||/||W|| {max(t['delta_ratio'] for t in merged):.3f}"
+        return True, detail + (f", MXFP4 re-encoding RMS error up to {max(errors):.3f}" if errors else "")
+
+    def verify_lora(base: str, merged: str, adapter: str) -> tuple[bool, str]:
+        report = verify(path(base), path(merged), a_lora=[path(adapter)], exact=True)
+        return report.same, f"{merged} vs {base} + adapter on the fly: bit-identical" if report.same else "differ"
+
     try:
         for layout in layouts.LAYOUTS:
             if not step(f"build synthetic ({layout})", build, layout):
@@ -162,6 +177,14 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
             step("verify the EP ranks", do_verify, "hf-mxfp4", "hf-ep4")
             if step("merge the ranks", do_merge, "hf-ep4", "hf-merged"):
                 step("merge byte-identical", byte_identical, "hf-mxfp4", "hf-merged")
+        if step("LoRA adapter (synthetic, PEFT's form)", make_adapter, "lora-adapter"):
+            if step(
+                "convert --lora -> fp32 experts", do_lora, "openai-mxfp4", "lora-adapter", "lora-fp32", "openai", "fp32"
+            ):
+                step("verify the merge", verify_lora, "openai-mxfp4", "lora-fp32", "lora-adapter")
+            step(
+                "convert --lora -> mxfp4 (hf)", do_lora, "openai-mxfp4", "lora-adapter", "lora-hf-mxfp4", "hf", "mxfp4"
+            )
     finally:
         if out is None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ossconv.formats import layouts
+from ossconv.formats.config import SWIGLU_ALPHA
 from ossconv.formats.precision import SAFETENSORS_DTYPES
 from ossconv.units import format_ranges
 
@@ -87,6 +88,8 @@ def hf_config_problems(ckpt: Checkpoint) -> list[str]:
             "config.json: rope_scaling.truncate is not false, so transformers rounds YaRN's correction bounds "
             "(gpt-oss, OpenAI's reference and ossconv do not): set it to false"
         )
+    if raw.get("swiglu_alpha", SWIGLU_ALPHA) != SWIGLU_ALPHA:
+        found.append(f"config.json: swiglu_alpha is {raw['swiglu_alpha']!r}, gpt-oss uses {SWIGLU_ALPHA}")
     if "layer_types" in raw and raw["layer_types"] != ckpt.config.layer_types():
         found.append("config.json: layer_types is not sliding on even layers and full on odd ones, as gpt-oss is")
     return found

@@ -158,3 +158,44 @@ def test_output_may_not_overlap_the_source(checkpoints, copy_of):
         unpack(folder, folder / "inside", overwrite=True)
     with pytest.raises(OssconvError, match="must not overlap the source"):
         unpack(folder, folder, overwrite=True)
+
+
+def test_a_transformers_5_full_fine_tune_packs_in_both_layouts_and_loads_in_openai_reference(tmp_path):
+    """What transformers 5.x save_pretrained writes (config with rope_parameters, dtype, swiglu_alpha)."""
+    from gpt_oss.torch.model import Transformer
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from ossconv import convert
+    from ossconv.verify import model
+
+    config = GptOssConfig(
+        hidden_size=64,
+        intermediate_size=96,
+        head_dim=24,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        vocab_size=256,
+        sliding_window=8,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    tuned = GptOssForCausalLM(config)
+    with torch.no_grad():
+        for parameter in tuned.parameters():
+            parameter.copy_(0.05 * torch.randn_like(parameter))
+    tuned.to(torch.bfloat16).save_pretrained(tmp_path / "tuned")
+    saved = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert "rope_parameters" in saved and "dtype" in saved and "swiglu_alpha" in saved
+    pack(tmp_path / "tuned", tmp_path / "hf-mxfp4")
+    convert(tmp_path / "tuned", tmp_path / "openai-mxfp4", to="openai", dtype="mxfp4")
+    a, b = open_checkpoint(tmp_path / "hf-mxfp4"), open_checkpoint(tmp_path / "openai-mxfp4")
+    assert (a.precision.value, b.precision.value) == ("mxfp4", "mxfp4") and not a.problems() and not b.problems()
+    tokens = torch.tensor([3, 17, 200, 5, 9, 31, 64, 1, 2, 250, 128, 77])
+    reference = Transformer.from_checkpoint(str(tmp_path / "openai-mxfp4"), device=torch.device("cpu")).float()
+    with torch.no_grad():
+        theirs = reference(tokens)
+    assert (model.forward(b, tokens) - theirs).abs().max().item() < 1e-3
+    assert torch.equal(model.forward(a, tokens), model.forward(b, tokens))  # the two layouts hold the same model

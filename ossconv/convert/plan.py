@@ -104,12 +104,12 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
                 specs += output.specs(target.precision)
                 steps.append(Reencode(source, output))
             continue
-        touched = any(adapter.touches(item.name) for adapter in target.adapters)
         for spec, mapped, lo, hi in _dense_parts(ckpt, item.name, target.layout):
-            if touched:
-                row_bytes = spec.nbytes // spec.shape[0] if spec.shape else spec.nbytes
+            row_bytes = spec.nbytes // spec.shape[0] if spec.shape else spec.nbytes
+            start, stop = lo // row_bytes, hi // row_bytes
+            if any(adapter.touches(item.name, start, stop) for adapter in target.adapters):
                 specs.append(spec)
-                steps.append(Merge(spec.name, item.name, lo // row_bytes, hi // row_bytes))
+                steps.append(Merge(spec.name, item.name, start, stop))
             else:
                 _add_copies(specs, steps, spec, mapped, lo, hi, split, target.expert_range)
     return Plan(ckpt, target, specs, steps, _json_files(ckpt, target, specs))
@@ -192,5 +192,6 @@ def _json_files(ckpt: Checkpoint, target: Target, specs: list[TensorSpec]) -> di
     if target.precision is Precision.MXFP4:
         config["quantization_config"] = ckpt.config.to_hf(mxfp4=True)["quantization_config"]
     elif target.precision.torch_dtype.itemsize > ckpt.dense_dtype.itemsize:
-        config["torch_dtype"] = target.precision.config_name  # loading in torch_dtype must not round the experts
+        key = "dtype" if "dtype" in config else "torch_dtype"  # transformers 5 writes dtype, 4 torch_dtype
+        config[key] = target.precision.config_name  # loading in that dtype must not round the experts
     return {CONFIG_NAME: config}

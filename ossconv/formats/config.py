@@ -16,6 +16,8 @@ HF_MODULES_NOT_CONVERTED = [
     "model.embed_tokens",
     "lm_head",
 ]
+SWIGLU_ALPHA = 1.702  # the sigmoid's slope in gpt-oss's SwiGLU (transformers' swiglu_alpha)
+RMS_NORM_EPS = 1e-5
 KNOWN_MODELS = {
     "gpt-oss-20b": {"num_hidden_layers": 24, "num_experts": 32},
     "gpt-oss-120b": {"num_hidden_layers": 36, "num_experts": 128},
@@ -208,7 +210,7 @@ class ModelConfig:
             "num_key_value_heads": self.num_key_value_heads,
             "num_local_experts": self.num_experts,
             "output_router_logits": False,
-            "rms_norm_eps": 1e-05,
+            "rms_norm_eps": RMS_NORM_EPS,
             "rope_scaling": {
                 "beta_fast": float(self.rope_ntk_beta),
                 "beta_slow": float(self.rope_ntk_alpha),

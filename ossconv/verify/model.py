@@ -25,10 +25,8 @@ import torch
 from ossconv.adapters import Adapter, merge_expert, merge_rows
 from ossconv.checkpoint import Checkpoint
 from ossconv.formats import layouts
-from ossconv.formats.config import ModelConfig
+from ossconv.formats.config import RMS_NORM_EPS, SWIGLU_ALPHA, ModelConfig
 
-RMS_NORM_EPS = 1e-5
-SWIGLU_ALPHA = 1.702
 UNEMBED_ROWS = 16384  # vocabulary rows per step: 190 MB of fp32 at hidden 2880, not the 2.3 GB whole
 
 
