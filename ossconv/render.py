@@ -27,6 +27,18 @@ def conversion_text(result: ConversionResult) -> None:
     )
     for rank in result.details.get("ranks", []):
         click.echo(f"  {rank['folder']}: experts {rank['experts'][0]}-{rank['experts'][1] - 1}")
+    lora = result.details.get("lora")
+    if lora:
+        merged = lora["tensors"]
+        errors = [t["quantization_rms_error"] for t in merged if "quantization_rms_error" in t]
+        click.echo(
+            f"  lora: {len(lora['adapters'])} adapter(s), {len(merged)} tensors merged, largest ||delta||/||W|| "
+            f"{max((t['delta_ratio'] for t in merged), default=0):.4f}"
+            + (f", MXFP4 re-encoding RMS error up to {max(errors):.4f}" if errors else "")
+            + " (--json lists each tensor)"
+        )
+    if result.details.get("note"):
+        click.echo(f"  note: {result.details['note']}")
 
 
 def download_text(result: DownloadResult) -> None:
