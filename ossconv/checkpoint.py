@@ -163,7 +163,8 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open and check a checkpoint folder: its files, headers, index, layout and config.
+    """Open and check a checkpoint folder: its files, headers, index, layout and config (or a ``.gguf``
+    file, read by :mod:`ossconv.gguf_file` as the same model).
 
     Besides plain folders it reads split-expert checkpoints and expert-parallel ones (a folder with
     ``ep_manifest.json`` and rank folders), presenting their experts as the fused tensors they came from.
@@ -171,6 +172,10 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     folder = Path(path)
     if not folder.exists():
         raise CheckpointError("no such folder", folder)
+    if folder.is_file() and folder.suffix == ".gguf":
+        from ossconv.gguf_file import open_gguf  # llama.cpp's single-file format, read as the same model
+
+        return open_gguf(folder)
     if not folder.is_dir():
         raise CheckpointError("not a folder; pass the folder that holds the checkpoint", folder)
     from ossconv.expert_parallel import rank_folders  # the manifest's schema lives with its writer
@@ -235,3 +240,13 @@ def _fuse_split_experts(
             fused, (total, *first.shape), first.dtype, first.file, -1, len(by_expert) * first.nbytes
         )
     return pieces
+
+
+def open_folder_checkpoint(path: str | Path, command: str) -> Checkpoint:
+    """:func:`open_checkpoint` for commands that rewrite a checkpoint folder in its own layout."""
+    ckpt = open_checkpoint(path)
+    if not isinstance(ckpt, Checkpoint):
+        raise CheckpointError(
+            f"a GGUF file: {command} works on checkpoint folders; use convert --to hf or openai", path
+        )
+    return ckpt

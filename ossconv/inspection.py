@@ -14,6 +14,7 @@ import torch
 from ossconv.checkpoint import Checkpoint, open_checkpoint
 from ossconv.formats import layouts, mxfp4
 from ossconv.formats.precision import SAFETENSORS_DTYPES, Precision
+from ossconv.gguf_file import GgufModel
 from ossconv.problems import DTYPE, INF_BLOCKS, SHAPE, Problem
 
 MAX_FP4_CODE = 7  # magnitude index of 6.0
@@ -48,18 +49,22 @@ class InspectReport:
     total_parameters: int
     mxfp4: list[Mxfp4Stats] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    metadata: dict[str, object] = field(default_factory=dict)  # GGUF key/values (tokenizer arrays left out)
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
 def mxfp4_stats(ckpt: Checkpoint, weight: layouts.ExpertWeight) -> Mxfp4Stats:
+    """Statistics of one MXFP4 weight, read one expert at a time (from a checkpoint or a GGUF file)."""
     histogram = torch.zeros(256, dtype=torch.int64)
     code_counts = torch.zeros(MAX_FP4_CODE + 1, dtype=torch.int64)
     inf = 0
-    for expert in range(ckpt.info(weight.blocks).shape[0]):
-        blocks = ckpt.get_rows(weight.blocks, expert)
-        scales = ckpt.get_rows(weight.scales, expert)
+    for expert in range(weight.num_experts):
+        if isinstance(ckpt, Checkpoint):
+            blocks, scales = ckpt.get_rows(weight.blocks, expert), ckpt.get_rows(weight.scales, expert)
+        else:
+            blocks, scales = ckpt.get_expert_packed(weight, expert)
         largest = mxfp4.max_code_magnitude(blocks).view(-1)
         scales = scales.view(-1)
         histogram += torch.bincount(scales, minlength=256)
@@ -88,6 +93,8 @@ def inspect_checkpoint(path: str | Path, *, stats: bool = True) -> InspectReport
         ('openai', 'mxfp4', [])
     """
     ckpt = open_checkpoint(path)
+    if not isinstance(ckpt, Checkpoint):
+        return _inspect_gguf(ckpt, stats)
     problems = ckpt.problems()
     tensors = [
         {
@@ -127,4 +134,42 @@ def inspect_checkpoint(path: str | Path, *, stats: bool = True) -> InspectReport
                 if found.inf_blocks:
                     message = f"{weight.blocks}: {found.inf_blocks} block(s) decode to Inf"
                     problems.append(Problem(INF_BLOCKS, weight.blocks, message))
+    return report
+
+
+def _inspect_gguf(model: GgufModel, stats: bool) -> InspectReport:
+    """A GGUF file: its metadata, tensors with their ggml types, and the same MXFP4 statistics."""
+    tensors, parameters = [], 0
+    for t in model.reader.tensors:
+        shape = [int(d) for d in reversed(list(t.shape))]  # numpy order, as for checkpoints
+        tensors.append(
+            {
+                "name": t.name,
+                "shape": shape,
+                "dtype": t.tensor_type.name,
+                "bytes": int(t.n_bytes),
+                "file": model.path.name,
+            }
+        )
+        parameters += int(t.n_elements)
+    report = InspectReport(
+        path=str(model.path),
+        layout=model.layout,
+        precision=model.precision.value,
+        known_model=model.config.known_model(),
+        config=model.config.to_openai(),
+        files=[model.path.name],
+        tensors=tensors,
+        total_bytes=sum(t["bytes"] for t in tensors),
+        total_parameters=parameters,
+        metadata=model.metadata,
+    )
+    if stats and model.precision is Precision.MXFP4:
+        for weight in model.expert_weights:
+            found = mxfp4_stats(model, weight)
+            found.blocks_tensor = found.scales_tensor = " + ".join(model.expert_names(weight))
+            report.mxfp4.append(found)
+            if found.inf_blocks:
+                message = f"{found.blocks_tensor}: {found.inf_blocks} block(s) decode to Inf"
+                report.problems.append(Problem(INF_BLOCKS, found.blocks_tensor, message))
     return report

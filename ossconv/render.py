@@ -76,6 +76,9 @@ def inspect_text(report: InspectReport) -> None:
         f"  {len(report.tensors)} tensors, {report.total_parameters / 1e9:.3f} B parameters, "
         f"{report.total_bytes / 1e9:.3f} GB in {len(report.files)} file(s)"
     )
+    for key, value in report.metadata.items():
+        shown = f"[{len(value)} items]" if isinstance(value, list) and len(value) > 8 else value
+        click.echo(f"  {key} = {shown}")
     width = max(len(t["name"]) for t in report.tensors)
     click.echo()
     for t in report.tensors:

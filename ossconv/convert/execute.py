@@ -13,7 +13,7 @@ import torch
 
 from ossconv.adapters import merge_expert, merge_rows
 from ossconv.checkpoint import Checkpoint
-from ossconv.convert.plan import Copy, Merge, Plan, Reencode
+from ossconv.convert.plan import Copy, Merge, Plan, Reencode, Repack
 from ossconv.convert.target import ConversionResult, WriteOptions
 from ossconv.errors import CheckpointError
 from ossconv.formats import mxfp4
@@ -35,7 +35,11 @@ def execute(plan: Plan, writer: CheckpointWriter) -> list[dict[str, object]]:
                 writer.copy(step.target, piece.tensor, start=piece.start, nbytes=piece.nbytes, offset=offset)
                 offset += piece.nbytes
         elif isinstance(step, Merge):
-            merged.append(_merge_dense(plan, step, writer))
+            report = _merge_dense(plan, step, writer)
+            if plan.target.adapters:
+                merged.append(report)
+        elif isinstance(step, Repack):
+            _repack(plan, step, writer)
         else:
             report = _reencode(plan, step, writer)
             if report:
@@ -171,10 +175,21 @@ def _merged_slices(plan: Plan, weight: ExpertWeight, stats: _MergeStats) -> Iter
         yield merged
 
 
+def _repack(plan: Plan, step: Repack, writer: CheckpointWriter) -> None:
+    for expert in range(step.source.num_experts):
+        blocks, scales = plan.source.get_expert_packed(step.source, expert)
+        writer.write(step.target.blocks, blocks, expert * blocks.numel())
+        writer.write(step.target.scales, scales, expert * scales.numel())
+
+
+def _source_file(ckpt: Checkpoint, weight: ExpertWeight) -> Path:
+    stored = weight.blocks if ckpt.precision is Precision.MXFP4 else weight.float_name
+    return ckpt.info(stored).file if stored in ckpt.tensors else ckpt.path
+
+
 def _reencode(plan: Plan, step: Reencode, writer: CheckpointWriter) -> dict[str, object] | None:
     ckpt, target = plan.source, plan.target
-    stored = step.source.blocks if ckpt.precision is Precision.MXFP4 else step.source.float_name
-    source_file = ckpt.info(stored).file
+    source_file = _source_file(ckpt, step.source)
     if any((step.source.layer, step.source.proj) in a.experts for a in target.adapters):
         stats = _MergeStats(step.target.blocks if target.precision is Precision.MXFP4 else step.target.float_name)
 

@@ -25,6 +25,8 @@ from ossconv.formats.layouts import OPENAI, ExpertWeight, TensorSpec
 from ossconv.formats.precision import Precision
 from ossconv.writer import dtypes_json
 
+GGUF_LAYOUT = "gguf"  # ossconv.gguf_file.LAYOUT (a GGUF file read as a model)
+
 
 @dataclass(frozen=True)
 class ByteRange:
@@ -63,7 +65,16 @@ class Merge:
     stop: int
 
 
-Step = Copy | Reencode | Merge
+@dataclass(frozen=True)
+class Repack:
+    """Output MXFP4 expert weight ``target`` takes ``source``'s codes and scales, unchanged, from a source
+    that packs them differently (GGUF's block_mxfp4, gate and up apart)."""
+
+    source: ExpertWeight
+    target: ExpertWeight
+
+
+Step = Copy | Reencode | Merge | Repack
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,10 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
         more = f" (and {len(problems) - 1} more problems; see ossconv inspect)" if len(problems) > 1 else ""
         raise CheckpointError(problems[0].message + more, ckpt.path)
     split = target.experts is ExpertForm.SPLIT
+    if ckpt.layout == GGUF_LAYOUT:
+        if split:
+            raise CheckpointError("convert the GGUF file first, then reshard", ckpt.path)
+        return _plan_from_gguf(ckpt, target)
     if split and (target.layout != ckpt.layout or target.precision is not ckpt.precision):
         raise CheckpointError("splitting experts keeps layout and precision; convert first, then reshard", ckpt.path)
     if split and target.adapters:
@@ -113,6 +128,27 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
             else:
                 _add_copies(specs, steps, spec, mapped, lo, hi, split, target.expert_range)
     return Plan(ckpt, target, specs, steps, _json_files(ckpt, target, specs))
+
+
+def _plan_from_gguf(model: Checkpoint, target: Target) -> Plan:
+    """Nothing in a GGUF file is stored as a checkpoint stores it: every dense tensor is re-expressed (in the
+    type of its 2-D weights: the F32 norms and biases llama.cpp wrote go back exactly), MXFP4 experts are
+    repacked with their codes and scales unchanged, float experts re-encoded."""
+    cfg, specs, steps = model.config, [], []
+    target_weights = {(w.layer, w.proj): w for w in layouts.expert_weights(target.layout, cfg)}
+    for item in layouts.canonical_tensors(cfg, model.dense_dtype):
+        if isinstance(item, ExpertWeight):
+            output = target_weights[(item.layer, item.proj)]
+            specs += output.specs(target.precision)
+            touched = any((item.layer, item.proj) in adapter.experts for adapter in target.adapters)
+            same = model.precision is Precision.MXFP4 and target.precision is Precision.MXFP4 and not touched
+            steps.append(Repack(item, output) if same else Reencode(item, output))
+            continue
+        for part, start, stop in layouts.layout_parts(target.layout, item.name, cfg):
+            stop = item.shape[0] if stop is None else stop
+            specs.append(TensorSpec(part, (stop - start, *item.shape[1:]), item.dtype))
+            steps.append(Merge(part, item.name, start, stop))
+    return Plan(model, target, specs, steps, _json_files(model, target, specs))
 
 
 def _same_stored_form(source: Precision, target: Precision, a: ExpertWeight, b: ExpertWeight) -> bool:

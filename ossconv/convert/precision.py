@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ossconv.checkpoint import open_checkpoint
+from ossconv.checkpoint import open_folder_checkpoint
 from ossconv.convert.execute import run
 from ossconv.convert.plan import plan
 from ossconv.convert.target import ConversionResult, Target, WriteOptions, precision_of
@@ -35,7 +35,7 @@ def unpack(
     precision = precision_of(dtype)
     if not precision.is_float:
         raise OssconvError(f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32")
-    ckpt = open_checkpoint(src)
+    ckpt = open_folder_checkpoint(src, "unpack")
     if ckpt.precision is precision:
         raise OssconvError(f"expert weights are already {precision.value}; nothing to unpack", ckpt.path)
     options = WriteOptions(overwrite, max_shard_size, progress)
@@ -57,7 +57,7 @@ def pack(
         >>> pack("finetuned-bf16", "finetuned-mxfp4")  # doctest: +SKIP
     """
     Target("openai", Precision.MXFP4, rule)  # refuse a bad rule before reading anything
-    ckpt = open_checkpoint(src)
+    ckpt = open_folder_checkpoint(src, "pack")
     if ckpt.precision is Precision.MXFP4:
         raise OssconvError("expert weights are already MXFP4; nothing to pack", ckpt.path)
     options = WriteOptions(overwrite, max_shard_size, progress)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ossconv import expert_parallel
-from ossconv.checkpoint import open_checkpoint
+from ossconv.checkpoint import open_folder_checkpoint
 from ossconv.convert.execute import run
 from ossconv.convert.plan import plan
 from ossconv.convert.target import ConversionResult, ExpertForm, Target, WriteOptions, experts_form
@@ -41,7 +41,7 @@ def reshard(
     if ep_ranks is not None and form is ExpertForm.FUSED:
         raise OssconvError("expert-parallel ranks hold split experts; drop experts='fused'")
     options = WriteOptions(overwrite, max_shard_size, progress)
-    ckpt = open_checkpoint(src)
+    ckpt = open_folder_checkpoint(src, "reshard")
     if ep_ranks is not None:
         return expert_parallel.write_ranks(ckpt, Path(out), ep_ranks, options)
     if form is None:

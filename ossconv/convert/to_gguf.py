@@ -18,7 +18,7 @@ import gguf
 import numpy as np
 import torch
 
-from ossconv.checkpoint import Checkpoint, open_checkpoint
+from ossconv.checkpoint import Checkpoint, open_folder_checkpoint
 from ossconv.convert.target import ConversionResult, precision_of
 from ossconv.errors import CheckpointError, OssconvError, OutputExistsError
 from ossconv.formats import ggml, layouts, mxfp4
@@ -229,7 +229,7 @@ def convert_to_gguf(
     if rule not in mxfp4.RULES:
         raise OssconvError(f"unknown rule {rule!r}; choose {' or '.join(mxfp4.RULES)}")
     out = Path(out)
-    ckpt = open_checkpoint(src)
+    ckpt = open_folder_checkpoint(src, "convert --to gguf")
     check_output_apart(ckpt.path, out)
     if out.exists() and not overwrite:
         raise OutputExistsError(out)

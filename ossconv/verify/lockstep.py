@@ -69,7 +69,11 @@ class VerifyReport:
 
 
 def identity(ckpt: Checkpoint) -> CheckpointIdentity:
-    digest = hashlib.sha256(ckpt.config_file.read_bytes()).hexdigest()
+    if ckpt.config_file is not None:
+        data = ckpt.config_file.read_bytes()
+    else:  # a GGUF file: its model configuration, as ossconv reads it from the metadata
+        data = json.dumps(ckpt.config.to_openai(), sort_keys=True).encode()
+    digest = hashlib.sha256(data).hexdigest()
     return CheckpointIdentity(str(ckpt.path), ckpt.layout, ckpt.precision.value, digest)
 
 

@@ -24,7 +24,6 @@ import torch
 
 from ossconv.adapters import Adapter, merge_expert, merge_rows
 from ossconv.checkpoint import Checkpoint
-from ossconv.formats import layouts
 from ossconv.formats.config import RMS_NORM_EPS, SWIGLU_ALPHA, ModelConfig
 
 UNEMBED_ROWS = 16384  # vocabulary rows per step: 190 MB of fp32 at hidden 2880, not the 2.3 GB whole
@@ -38,7 +37,7 @@ class WeightReader:
         self.ckpt = ckpt
         self.config = ckpt.config
         self.adapters = tuple(adapters)
-        self._experts = {(w.layer, w.proj): w for w in layouts.expert_weights(ckpt.layout, ckpt.config)}
+        self._experts = {(w.layer, w.proj): w for w in ckpt.expert_weights}
 
     def dense(self, name: str) -> torch.Tensor:
         """A canonical non-expert tensor (qkv is re-fused from HF's q/k/v rows)."""
