@@ -138,6 +138,19 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
         result = merge(path(source), path(target), overwrite=True)
         return True, f"{result.details['merged_ranks']} ranks checked against the manifest and merged"
 
+    def to_gguf(source: str, target: str) -> tuple[bool, str]:
+        result = convert(path(source), path(target), to="gguf", overwrite=True)
+        return (
+            True,
+            f"{result.tensors} tensors, {result.bytes_written / 1e6:.2f} MB (llama.cpp's layout, MXFP4 experts)",
+        )
+
+    def inspect_gguf(name: str) -> tuple[bool, str]:
+        report = inspect_checkpoint(path(name))
+        blocks = sum(s.blocks for s in report.mxfp4)
+        arch = report.metadata.get("general.architecture")
+        return not report.problems, f"architecture {arch}, {len(report.tensors)} tensors, {blocks} MXFP4 blocks"
+
     def make_adapter(name: str) -> tuple[bool, str]:
         synthetic.build_lora(path(name), layers=[1], attention=False)  # experts: merged exactly in fp32
         return True, "rank 4 on both expert weights of layer 1"
@@ -177,6 +190,11 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
             step("verify the EP ranks", do_verify, "hf-mxfp4", "hf-ep4")
             if step("merge the ranks", do_merge, "hf-ep4", "hf-merged"):
                 step("merge byte-identical", byte_identical, "hf-mxfp4", "hf-merged")
+        if step("convert -> gguf", to_gguf, "hf-mxfp4", "model.gguf"):
+            step("inspect the gguf", inspect_gguf, "model.gguf")
+            step("verify the gguf", do_verify, "hf-mxfp4", "model.gguf")
+            if step("convert gguf -> hf", do_convert, "model.gguf", "hf-from-gguf", "hf", "mxfp4"):
+                step("gguf round trip byte-identical", byte_identical, "hf-mxfp4", "hf-from-gguf")
         if step("LoRA adapter (synthetic, PEFT's form)", make_adapter, "lora-adapter"):
             if step(
                 "convert --lora -> fp32 experts", do_lora, "openai-mxfp4", "lora-adapter", "lora-fp32", "openai", "fp32"

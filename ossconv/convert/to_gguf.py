@@ -217,9 +217,13 @@ def convert_to_gguf(
     rule: str = "up",
     overwrite: bool = False,
     progress: Progress | None = None,
+    tokenizer_pre: str | None = None,
 ) -> ConversionResult:
     """Write ``src`` (either layout, any precision) as one GGUF file for llama.cpp; ``dtype`` sets the experts
-    (``mxfp4``, ``bf16``, ``fp16``, ``fp32``), every other tensor as llama.cpp's converter stores it.
+    (``mxfp4``, ``bf16``, ``fp16``, ``fp32``), every other tensor as llama.cpp's converter stores it. With a
+    ``tokenizer.json`` beside the source (or above OpenAI's ``original/``) the tokenizer metadata is written
+    as llama.cpp writes it; ``tokenizer_pre`` names the pre-tokenizer where llama.cpp's hash table would not
+    know it (gpt-oss's own tokenizer is "gpt-4o").
 
     Example:
         >>> convert_to_gguf("gpt-oss-20b", "gpt-oss-20b.gguf")  # doctest: +SKIP
@@ -244,9 +248,12 @@ def convert_to_gguf(
     _add_metadata(writer, ckpt, experts)
     tokenizer = _tokenizer_folder(ckpt)
     if tokenizer is not None:
-        from ossconv.formats.gguf_vocab import add_tokenizer  # only needed with a tokenizer
+        from ossconv.gguf_vocab import add_tokenizer  # only needed with a tokenizer
 
-        add_tokenizer(writer, tokenizer, ckpt.config.vocab_size, _hf_config(ckpt))
+        try:
+            add_tokenizer(writer, tokenizer, ckpt.config.vocab_size, _hf_config(ckpt), pre=tokenizer_pre)
+        except (ValueError, KeyError, OSError) as error:
+            raise CheckpointError(f"tokenizer: {error}", tokenizer / "tokenizer.json") from None
     temp = out.with_name(f".{out.name}.ossconv-tmp-{os.getpid()}")
     try:
         writer.write_header_to_file(path=temp)
