@@ -103,7 +103,9 @@ class GgufModel:
     def get_expert_packed(self, weight: ExpertWeight, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One expert's MXFP4 ``(blocks [out, G, 16], scales [out, G])`` as the checkpoints store them."""
         names = self.expert_names(weight)
-        packed = [ggml.from_block_mxfp4(torch.from_numpy(np.array(self._raw(name)[expert]))) for name in names]
+        packed = [
+            ggml.from_block_mxfp4(torch.from_numpy(self._raw_rows(name, expert, expert + 1)[0])) for name in names
+        ]
         if len(packed) == 1:
             return packed[0]
         (gate_b, gate_s), (up_b, up_s) = packed
@@ -120,12 +122,22 @@ class GgufModel:
             return parts[-1][2][1]
         return int(self.tensors[gguf_name].data.shape[0])
 
-    def _raw(self, name: str) -> np.ndarray:
-        return self.tensors[name].data
+    def _raw_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (first axis, numpy order) read from the file, not through the memory map, so
+        resident memory holds one slice, not every page ever touched."""
+        tensor = self.tensors[name]
+        view = tensor.data  # only its shape and dtype: a memory map is not read until indexed
+        row_bytes = int(tensor.n_bytes) // view.shape[0]
+        with open(self.path, "rb") as handle:
+            handle.seek(int(tensor.data_offset) + start * row_bytes)
+            raw = handle.read((stop - start) * row_bytes)
+        if len(raw) != (stop - start) * row_bytes:
+            raise CheckpointError(f"file ended inside tensor {name}", self.path)
+        return np.frombuffer(bytearray(raw), dtype=view.dtype).reshape(stop - start, *view.shape[1:])
 
     def _float_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         tensor = self.tensors[name]
-        data = np.array(tensor.data[start:stop])
+        data = self._raw_rows(name, start, stop)
         kind = Q(tensor.tensor_type)
         if kind == Q.BF16:
             return torch.from_numpy(data).view(torch.bfloat16)

@@ -159,10 +159,12 @@ def _merge_dense(plan: Plan, step: Merge, writer: CheckpointWriter) -> dict[str,
     row_bytes = writer.slots[step.target].spec.nbytes // max(1, step.stop - step.start)
     for lo in range(step.start, step.stop, MERGE_ROWS):
         hi = min(step.stop, lo + MERGE_ROWS)
-        base = ckpt.canonical_rows(step.canonical, lo, hi).float()
-        merged = merge_rows(adapters, step.canonical, lo, hi, base.clone())
-        stats.add(base, merged)
-        writer.write(step.target, merged.to(dtype), (lo - step.start) * row_bytes)
+        values = ckpt.canonical_rows(step.canonical, lo, hi)
+        if adapters:  # without adapters (a GGUF source) this only changes the type
+            base = values.float()
+            values = merge_rows(adapters, step.canonical, lo, hi, base.clone())
+            stats.add(base, values)
+        writer.write(step.target, values.to(dtype), (lo - step.start) * row_bytes)
     return stats.report()
 
 

@@ -25,7 +25,7 @@ from ossconv.formats import ggml, layouts, mxfp4
 from ossconv.formats.layouts import HF, ExpertWeight
 from ossconv.formats.precision import Precision
 from ossconv.progress import NoProgress, Progress
-from ossconv.writer import check_output_apart
+from ossconv.writer import WRITE_CHUNK, check_output_apart
 
 TOKENIZER_NOTE = "no tokenizer.json beside the source: llama.cpp needs the tokenizer metadata to run this file"
 
@@ -167,10 +167,11 @@ class _Streamed:
     def tofile(self, handle) -> None:  # noqa: ANN001 (a binary file)
         written = 0
         for piece in self.pieces:
-            data = piece.contiguous().view(-1).view(torch.uint8).numpy()
-            handle.write(memoryview(data))
-            written += data.nbytes
-            self.progress(data.nbytes)
+            data = memoryview(piece.contiguous().view(-1).view(torch.uint8).numpy())
+            for start in range(0, len(data), WRITE_CHUNK):  # 1 MiB writes, as the checkpoint writer's
+                handle.write(data[start : start + WRITE_CHUNK])
+            written += len(data)
+            self.progress(len(data))
         if written != self.nbytes:
             raise RuntimeError(f"wrote {written} bytes of a {self.nbytes}-byte tensor")
 

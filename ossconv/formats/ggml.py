@@ -20,12 +20,12 @@ import re
 import torch
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from ossconv.formats.mxfp4 import BLOCK_SIZE, BYTES_PER_BLOCK
+from ossconv.formats.mxfp4 import BYTES_PER_BLOCK
 from ossconv.formats.precision import Precision
 
 ARCH = "gpt-oss"
 GGML_MXFP4_BLOCK_BYTES = 1 + BYTES_PER_BLOCK  # scale byte, then 16 bytes of codes
-HALF = BLOCK_SIZE // 2
+HALF_BYTES = BYTES_PER_BLOCK // 2  # the first 16 elements of a block are in its first 8 bytes
 
 # ggml types for float tensors, and the file type llama.cpp records for each choice of weights.
 FLOAT_TYPES = {
@@ -120,20 +120,28 @@ def cut(tensor: torch.Tensor, how: str, rows: tuple[int, int] | None, axis: int 
 def to_block_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """Checkpoint MXFP4 ``blocks [..., G, 16]`` + ``scales [..., G]`` -> ggml rows ``[..., G * 17]``.
 
+    Checkpoint byte i holds elements 2i (low) and 2i + 1 (high); ggml byte j holds elements j (low) and
+    j + 16 (high). So ggml byte 2i = low(b[i]) | low(b[8 + i]) << 4 and byte 2i + 1 = high(b[i]) |
+    high(b[8 + i]) << 4: nibble moves on whole bytes, no element-wise unpacking.
+
     Example (one block: element 0 = code 1, element 16 = code 2):
         >>> b = torch.zeros(1, 16, dtype=torch.uint8); b[0, 0] = 0x01; b[0, 8] = 0x02
         >>> to_block_mxfp4(b, torch.tensor([127], dtype=torch.uint8)).tolist()
         [127, 33, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
     """
-    codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2)  # [..., G, 32] in element order
-    packed = codes[..., :HALF] | (codes[..., HALF:] << 4)
-    return torch.cat((scales.unsqueeze(-1), packed), dim=-1).flatten(-2)
+    first, second = blocks[..., :HALF_BYTES], blocks[..., HALF_BYTES:]
+    out = torch.empty((*blocks.shape[:-1], GGML_MXFP4_BLOCK_BYTES), dtype=torch.uint8)
+    out[..., 0] = scales
+    out[..., 1::2] = (first & 0x0F) | (second << 4)
+    out[..., 2::2] = (first >> 4) | (second & 0xF0)
+    return out.flatten(-2)
 
 
 def from_block_mxfp4(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of :func:`to_block_mxfp4`: ggml rows ``[..., G * 17]`` -> ``(blocks, scales)``."""
     grouped = rows.unflatten(-1, (-1, GGML_MXFP4_BLOCK_BYTES))
-    scales, packed = grouped[..., 0], grouped[..., 1:]
-    codes = torch.cat((packed & 0x0F, packed >> 4), dim=-1)  # [..., G, 32] in element order
-    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return blocks.contiguous(), scales.contiguous()
+    even, odd = grouped[..., 1::2], grouped[..., 2::2]  # ggml bytes 2i and 2i + 1
+    blocks = torch.empty((*grouped.shape[:-1], BYTES_PER_BLOCK), dtype=torch.uint8)
+    blocks[..., :HALF_BYTES] = (even & 0x0F) | (odd << 4)
+    blocks[..., HALF_BYTES:] = (even >> 4) | (odd & 0xF0)
+    return blocks, grouped[..., 0].contiguous()
