@@ -48,18 +48,21 @@ class RowDelta:
         return first, stop, values
 
 
-@dataclass(frozen=True)
 class ExpertDelta:
-    layer: int
-    proj: str
-    a: torch.Tensor
-    b: torch.Tensor
-    rank: int
-    scale: float
-    num_experts: int
+    """ParamWrapper's factors regrouped once per expert: ``B[e]`` ``[out, r]`` and ``A[e]`` ``[r, in]`` in fp32,
+    so merging expert e is one ``addmm`` into its weight (no ``[out, in]`` delta is ever formed)."""
+
+    def __init__(self, layer: int, proj: str, a: torch.Tensor, b: torch.Tensor, rank: int, scale: float, experts: int):
+        self.layer, self.proj, self.rank, self.scale, self.num_experts = layer, proj, rank, scale, experts
+        self.a = a.float().view(experts, rank, a.shape[-1]).contiguous()  # row e * r + k
+        self.b = b.float().view(b.shape[0], rank, experts).permute(2, 0, 1).contiguous()  # column k * E + e
+
+    def add_to(self, matrix: torch.Tensor, expert: int) -> torch.Tensor:
+        """``matrix += s * B[e] @ A[e]`` in place (fp32)."""
+        return matrix.addmm_(self.b[expert], self.a[expert], alpha=self.scale)
 
     def delta(self, expert: int) -> torch.Tensor:
-        return peft.expert_delta(self.a, self.b, self.rank, self.num_experts, expert, self.scale)
+        return self.scale * (self.b[expert] @ self.a[expert])
 
 
 @dataclass(frozen=True)
@@ -117,11 +120,24 @@ def merge_rows(adapters: Sequence[Adapter], canonical: str, lo: int, hi: int, va
 
 
 def merge_expert(adapters: Sequence[Adapter], layer: int, proj: str, expert: int, matrix: torch.Tensor) -> torch.Tensor:
+    """Add every adapter's delta for one expert to ``matrix`` (fp32 ``[out, in]``), in order, in place."""
     for adapter in adapters:
         term = adapter.experts.get((layer, proj))
         if term is not None:
-            matrix += term.delta(expert)
+            term.add_to(matrix, expert)
     return matrix
+
+
+def expert_delta_norm(adapters: Sequence[Adapter], layer: int, proj: str, expert: int) -> float:
+    """``||sum_i s_i B_i A_i||`` from r x r products only: ``<B_i A_i, B_j A_j> = tr((B_i^T B_j)(A_j A_i^T))``."""
+    terms = [t for t in (a.experts.get((layer, proj)) for a in adapters) if t is not None]
+    total = 0.0
+    for first in terms:
+        for second in terms:
+            gram_b = first.b[expert].T @ second.b[expert]  # [r_i, r_j]
+            gram_a = second.a[expert] @ first.a[expert].T  # [r_j, r_i]
+            total += first.scale * second.scale * float((gram_b * gram_a.T).sum())
+    return max(total, 0.0) ** 0.5
 
 
 # ---------------------------------------------------------------------------------------------- loading

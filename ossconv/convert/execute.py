@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ossconv.adapters import merge_expert, merge_rows
+from ossconv.adapters import expert_delta_norm, merge_expert, merge_rows
 from ossconv.checkpoint import Checkpoint
 from ossconv.convert.plan import Copy, Merge, Plan, Reencode, Repack
 from ossconv.convert.target import ConversionResult, WriteOptions
@@ -19,6 +19,7 @@ from ossconv.errors import CheckpointError
 from ossconv.formats import mxfp4
 from ossconv.formats.layouts import ExpertWeight
 from ossconv.formats.precision import Precision
+from ossconv.prefetch import prefetch
 from ossconv.writer import CheckpointWriter, check_output_apart
 
 MERGE_ROWS = 16384  # rows of a dense tensor merged at a time: an embedding never sits whole in fp32
@@ -82,13 +83,9 @@ def run(
 
 
 def expert_slices(ckpt: Checkpoint, weight: ExpertWeight, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """Each expert's weight as ``[out, in]`` of ``dtype`` (MXFP4 decoded, HF floats un-transposed).
-
-    The yielded tensor is a reused buffer: consume it before asking for the next one.
-    """
-    buffer = torch.empty((weight.out_features, weight.in_features), dtype=dtype)
-    for expert in range(weight.num_experts):
-        yield ckpt.get_expert(weight, expert, dtype, out=buffer)
+    """Each expert's weight as ``[out, in]`` of ``dtype`` (MXFP4 decoded, HF floats un-transposed), read and
+    decoded one expert ahead on a second thread while the current one is written (a fresh tensor each)."""
+    return prefetch(ckpt.get_expert(weight, expert, dtype) for expert in range(weight.num_experts))
 
 
 def write_expert_weight(
@@ -134,19 +131,17 @@ class _MergeStats:
     def __init__(self, name: str):
         self.name, self.base, self.delta, self.error, self.merged = name, 0.0, 0.0, 0.0, 0.0
 
-    def add(self, base: torch.Tensor, merged: torch.Tensor) -> None:
-        self.base += float(base.double().pow(2).sum())
-        self.delta += float((merged.double() - base.double()).pow(2).sum())
+    def add(self, base_norm: float, delta_norm: float) -> None:
+        self.base += base_norm**2
+        self.delta += delta_norm**2
 
     def quantized(self, merged: torch.Tensor, stored: torch.Tensor) -> None:
-        self.merged += float(merged.double().pow(2).sum())
-        self.error += float((stored.double() - merged.double()).pow(2).sum())
+        self.merged += float(torch.linalg.vector_norm(merged)) ** 2
+        self.error += float(torch.linalg.vector_norm(stored.sub_(merged))) ** 2
 
     def report(self) -> dict[str, object]:
-        found: dict[str, object] = {
-            "tensor": self.name,
-            "delta_ratio": (self.delta / self.base) ** 0.5 if self.base else 0.0,
-        }
+        ratio = (self.delta / self.base) ** 0.5 if self.base else 0.0
+        found: dict[str, object] = {"tensor": self.name, "delta_ratio": ratio}
         if self.merged:
             found["quantization_rms_error"] = (self.error / self.merged) ** 0.5
         return found
@@ -163,7 +158,7 @@ def _merge_dense(plan: Plan, step: Merge, writer: CheckpointWriter) -> dict[str,
         if adapters:  # without adapters (a GGUF source) this only changes the type
             base = values.float()
             values = merge_rows(adapters, step.canonical, lo, hi, base.clone())
-            stats.add(base, values)
+            stats.add(float(torch.linalg.vector_norm(base)), float(torch.linalg.vector_norm(values - base)))
         writer.write(step.target, values.to(dtype), (lo - step.start) * row_bytes)
     return stats.report()
 
@@ -171,10 +166,12 @@ def _merge_dense(plan: Plan, step: Merge, writer: CheckpointWriter) -> dict[str,
 def _merged_slices(plan: Plan, weight: ExpertWeight, stats: _MergeStats) -> Iterator[torch.Tensor]:
     """Each expert as fp32 ``[out, in]`` with the adapters' deltas added."""
     for expert in range(weight.num_experts):
-        base = plan.source.get_expert(weight, expert, torch.float32)
-        merged = merge_expert(plan.target.adapters, weight.layer, weight.proj, expert, base.clone())
-        stats.add(base, merged)
-        yield merged
+        merged = plan.source.get_expert(weight, expert, torch.float32)
+        adapters = plan.target.adapters
+        stats.add(
+            float(torch.linalg.vector_norm(merged)), expert_delta_norm(adapters, weight.layer, weight.proj, expert)
+        )
+        yield merge_expert(adapters, weight.layer, weight.proj, expert, merged)
 
 
 def _repack(plan: Plan, step: Repack, writer: CheckpointWriter) -> None:
@@ -198,7 +195,7 @@ def _reencode(plan: Plan, step: Reencode, writer: CheckpointWriter) -> dict[str,
         def encoded(merged: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> None:
             stats.quantized(merged, mxfp4.decode(blocks, scales, torch.float32))
 
-        slices = _merged_slices(plan, step.source, stats)
+        slices = prefetch(_merged_slices(plan, step.source, stats))
         write_expert_weight(
             writer, step.target, target.precision, slices, rule=target.rule, source_file=source_file, encoded=encoded
         )

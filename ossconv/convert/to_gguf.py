@@ -24,6 +24,7 @@ from ossconv.errors import CheckpointError, OssconvError, OutputExistsError
 from ossconv.formats import ggml, layouts, mxfp4
 from ossconv.formats.layouts import HF, ExpertWeight
 from ossconv.formats.precision import Precision
+from ossconv.prefetch import prefetch
 from ossconv.progress import NoProgress, Progress
 from ossconv.writer import WRITE_CHUNK, check_output_apart
 
@@ -261,7 +262,7 @@ def convert_to_gguf(
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for t in tensors:
-            writer.write_tensor_data(_Streamed(t.nbytes, _pieces(ckpt, t, rule), progress))
+            writer.write_tensor_data(_Streamed(t.nbytes, prefetch(_pieces(ckpt, t, rule)), progress))
         writer.close()
         os.replace(temp, out)
     except OSError as error:

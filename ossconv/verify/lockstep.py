@@ -4,6 +4,10 @@ Both runs compute in fp32 from the same tokens. After the embedding and after ev
 are compared; the first layer whose error passes the tolerance is named. Two checkpoints that hold the
 same values (a lossless conversion in any layout or precision) give bit-identical states, so the default
 tolerance can be tight: it passes every lossless path and fails every layout bug, whose errors are O(1).
+
+The tokens come as ids, or as text cases (prompts and chats through the checkpoint's own tokenizer and chat
+template, :mod:`ossconv.text`); with ``generate`` each side also continues each case greedily (KV cache), and
+a different continuation is a difference too.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,29 +47,80 @@ class CheckpointIdentity:
 
 
 @dataclass
-class VerifyReport:
-    a: CheckpointIdentity
-    b: CheckpointIdentity
+class Case:
+    """One input: token ids, and the text they came from (a prompt, or a rendered chat) when there is one."""
+
+    id: str
     tokens: list[int]
-    mode: str  # "exact" or "tolerance"
-    atol: float
-    kl_max: float
+    text: str | None = None
+
+
+@dataclass
+class Generation:
+    """Greedy continuations of one case on A and on B, and the first position where they part (None: same)."""
+
+    a: list[int]
+    b: list[int]
+    text_a: str | None = None
+    text_b: str | None = None
+    parted_at: int | None = None
+
+
+@dataclass
+class CaseReport:
+    id: str
+    tokens: list[int]
+    text: str | None = None
     states: list[StateMetrics] = field(default_factory=list)  # "embedding", then "layer 0", "layer 1", ...
     logits: LogitMetrics | None = None
     first_divergent_layer: int | str | None = None  # a layer number, "embedding", or None
+    generation: Generation | None = None
     same: bool = True
-    # Both runs' logits (T, vocab) in fp32; not part of the JSON report (save them with save_logits).
+
+
+@dataclass
+class VerifyReport:
+    a: CheckpointIdentity
+    b: CheckpointIdentity
+    mode: str  # "exact" or "tolerance"
+    atol: float
+    kl_max: float
+    cases: list[CaseReport] = field(default_factory=list)
+    # The first case's logits (T, vocab) in fp32 on each side; not in the JSON (save them with save_logits).
     logits_a: torch.Tensor | None = field(default=None, repr=False, compare=False)
     logits_b: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def same(self) -> bool:
+        return all(case.same for case in self.cases)
 
     @property
     def verdict(self) -> str:
         return "same" if self.same else "differ"
 
+    # One case (token ids) reads as before: its fields at the top level.
+    @property
+    def tokens(self) -> list[int]:
+        return self.cases[0].tokens
+
+    @property
+    def states(self) -> list[StateMetrics]:
+        return self.cases[0].states
+
+    @property
+    def logits(self) -> LogitMetrics | None:
+        return self.cases[0].logits
+
+    @property
+    def first_divergent_layer(self) -> int | str | None:
+        return next((c.first_divergent_layer for c in self.cases if c.first_divergent_layer is not None), None)
+
     def to_dict(self) -> dict[str, object]:
         data = asdict(dataclasses.replace(self, logits_a=None, logits_b=None))
         del data["logits_a"], data["logits_b"]
-        data["verdict"] = self.verdict
+        first = data["cases"][0]
+        data.update(tokens=first["tokens"], states=first["states"], logits=first["logits"])
+        data.update(first_divergent_layer=self.first_divergent_layer, verdict=self.verdict, same=self.same)
         return data
 
 
@@ -97,19 +153,6 @@ def random_tokens(vocab_size: int, count: int, seed: int) -> list[int]:
     return torch.randint(0, vocab_size, (count,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _check_pair(a: Checkpoint, b: Checkpoint, tokens: list[int]) -> None:
-    if a.config != b.config:
-        differences = [
-            f"{f.name} {getattr(a.config, f.name)} vs {getattr(b.config, f.name)}"
-            for f in dataclasses.fields(a.config)
-            if getattr(a.config, f.name) != getattr(b.config, f.name)
-        ]
-        raise OssconvError(f"the two checkpoints have different configs: {', '.join(differences)}", b.path)
-    bad = [t for t in tokens if not 0 <= t < a.config.vocab_size]
-    if bad:
-        raise OssconvError(f"token id {bad[0]} is outside the vocabulary (0..{a.config.vocab_size - 1})")
-
-
 def choose_tokens(
     vocab_size: int,
     tokens: list[int] | None = None,
@@ -133,6 +176,21 @@ def choose_tokens(
     return random_tokens(vocab_size, DEFAULT_NUM_TOKENS if num_tokens is None else num_tokens, seed)
 
 
+def _check_pair(a: Checkpoint, b: Checkpoint, cases: list[Case]) -> None:
+    if a.config != b.config:
+        differences = [
+            f"{f.name} {getattr(a.config, f.name)} vs {getattr(b.config, f.name)}"
+            for f in dataclasses.fields(a.config)
+            if getattr(a.config, f.name) != getattr(b.config, f.name)
+        ]
+        raise OssconvError(f"the two checkpoints have different configs: {', '.join(differences)}", b.path)
+    for case in cases:
+        bad = [t for t in case.tokens if not 0 <= t < a.config.vocab_size]
+        if bad:
+            where = "" if case.id == "tokens" else f"case {case.id}: "
+            raise OssconvError(f"{where}token id {bad[0]} is outside the vocabulary (0..{a.config.vocab_size - 1})")
+
+
 def verify(
     a: str | Path,
     b: str | Path,
@@ -141,6 +199,12 @@ def verify(
     prompt_tokens: str | Path | None = None,
     num_tokens: int | None = None,
     seed: int = 0,
+    prompts: Sequence[str] = (),
+    chats: Sequence[str | Path] = (),
+    cases_file: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    reasoning_effort: str | None = None,
+    generate: int = 0,
     exact: bool = False,
     atol: float | None = None,
     kl_max: float | None = None,
@@ -151,15 +215,19 @@ def verify(
     a_lora: Sequence[str | Path] = (),
     b_lora: Sequence[str | Path] = (),
 ) -> VerifyReport:
-    """Run A and B in lockstep on ``tokens`` (or ids read from ``prompt_tokens``, or ``num_tokens`` random
-    ones, default 32) and compare after the embedding, every layer and the logits.
+    """Run A and B in lockstep and compare after the embedding, every layer and the logits.
 
-    ``exact`` requires bit-identical states and logits; otherwise ``atol`` (default 1e-3) bounds every
-    hidden state and the logits, and ``kl_max`` (default 1e-4) the KL divergence at every position.
-    ``report`` and ``save_logits`` write the JSON report and both runs' logits (safetensors, tensors ``a``
-    and ``b``); neither replaces a file without ``overwrite``. ``progress`` counts layers. ``a_lora`` /
-    ``b_lora``: PEFT LoRA adapters merged into that side's weights as they are read, so that
-    ``verify(base, merged, a_lora=[adapter])`` proves a merge without writing a float model.
+    Inputs: ``tokens`` (ids), ids read from ``prompt_tokens``, ``num_tokens`` random ids (the default: 32),
+    or text cases: ``prompts`` (plain text), ``chats`` (JSON files of ``{"role", "content"}`` messages,
+    rendered with the checkpoint's chat template, ``reasoning_effort`` passed to it) and ``cases_file`` (JSON
+    lines of ``{"text": ...}`` or ``{"messages": [...]}``, optionally an ``"id"``), tokenized with A's own
+    ``tokenizer.json`` (or ``tokenizer``). ``generate``: greedy continuations of that many tokens on each side.
+
+    ``exact`` requires bit-identical states and logits; otherwise ``atol`` (default 1e-3) bounds every hidden
+    state and the logits, and ``kl_max`` (default 1e-4) the KL divergence at every position; differing
+    continuations always differ. ``report`` and ``save_logits`` write the JSON report and the first case's
+    logits (safetensors, tensors ``a`` and ``b``); neither replaces a file without ``overwrite``.
+    ``a_lora`` / ``b_lora``: PEFT LoRA adapters merged into that side's weights as they are read.
 
     Example:
         >>> report = verify("gpt-oss-20b/original", "gpt-oss-20b-hf")  # doctest: +SKIP
@@ -168,45 +236,39 @@ def verify(
     """
     if exact and (atol is not None or kl_max is not None):
         raise OssconvError("choose either exact or atol/kl_max, not both")
+    if generate < 0:
+        raise OssconvError(f"generate must be a number of tokens, got {generate}")
     for path in (report, save_logits):
         if path is not None and Path(path).exists() and not overwrite:
             raise OssconvError("already exists; pass --overwrite to replace it", path)
-    atol = DEFAULT_ATOL if atol is None else atol
-    kl_max = DEFAULT_KL_MAX if kl_max is None else kl_max
+    tolerance = _Tolerance(exact, DEFAULT_ATOL if atol is None else atol, DEFAULT_KL_MAX if kl_max is None else kl_max)
     progress = progress or NoProgress()
     ckpt_a, ckpt_b = open_checkpoint(a), open_checkpoint(b)
-    tokens = choose_tokens(ckpt_a.config.vocab_size, tokens, prompt_tokens, num_tokens, seed)
-    _check_pair(ckpt_a, ckpt_b, tokens)
-    result = VerifyReport(identity(ckpt_a), identity(ckpt_b), tokens, "exact" if exact else "tolerance", atol, kl_max)
-    progress.add_total(ckpt_a.config.num_hidden_layers + 1)
+    texts = bool(prompts or chats or cases_file)
+    if texts and any(x is not None for x in (tokens, prompt_tokens, num_tokens)):
+        raise OssconvError("choose token ids or text (prompts, chats, a cases file), not both")
+    decoder = None
+    if texts or (generate and tokenizer is not None):
+        from ossconv import text
+
+        source = text.TextSource.open(ckpt_a.path, tokenizer)
+        cases = source.cases(prompts, chats, cases_file, reasoning_effort) if texts else []
+        decoder = source.decode
+    if not texts:
+        ids = choose_tokens(ckpt_a.config.vocab_size, tokens, prompt_tokens, num_tokens, seed)
+        cases = [Case("tokens", ids)]
+    _check_pair(ckpt_a, ckpt_b, cases)
+    result = VerifyReport(identity(ckpt_a), identity(ckpt_b), tolerance.mode, tolerance.atol, tolerance.kl_max)
     weights_a = model.WeightReader(ckpt_a, load_adapters(a_lora, ckpt_a))
     weights_b = model.WeightReader(ckpt_b, load_adapters(b_lora, ckpt_b))
     result.a.adapters = [str(path) for path in a_lora]
     result.b.adapters = [str(path) for path in b_lora]
-    ids = torch.tensor(tokens)
-    rotary = model.rotary_cos_sin(ckpt_a.config, len(tokens))
-
-    def within(metrics: StateMetrics | LogitMetrics) -> bool:
-        return metrics.identical if exact else metrics.max_abs_error <= atol
-
-    def record(step: str, where: int | str, x_a: torch.Tensor, x_b: torch.Tensor) -> None:
-        metrics = state_metrics(step, x_a, x_b)
-        result.states.append(metrics)
-        if not within(metrics):
-            result.same = False
-            if result.first_divergent_layer is None:
-                result.first_divergent_layer = where
-        progress(1)
-
-    x_a, x_b = model.embed(weights_a, ids), model.embed(weights_b, ids)
-    record("embedding", "embedding", x_a, x_b)
-    for layer in range(ckpt_a.config.num_hidden_layers):
-        x_a, x_b = model.block(x_a, weights_a, layer, rotary), model.block(x_b, weights_b, layer, rotary)
-        record(f"layer {layer}", layer, x_a, x_b)
-    result.logits_a, result.logits_b = model.unembed(x_a, weights_a), model.unembed(x_b, weights_b)
-    result.logits = logit_metrics(result.logits_a, result.logits_b)
-    if not within(result.logits) or (not exact and result.logits.kl_max > kl_max):
-        result.same = False
+    progress.add_total(len(cases) * (ckpt_a.config.num_hidden_layers + 1 + generate))
+    for number, case in enumerate(cases):
+        found, logits_a, logits_b = _run_case(case, weights_a, weights_b, tolerance, progress, generate, decoder)
+        result.cases.append(found)
+        if number == 0:
+            result.logits_a, result.logits_b = logits_a, logits_b
     if report is not None:
         document = json.dumps(result.to_dict(), indent=2) + "\n"
         write_file_atomically(report, document.encode(), overwrite=overwrite)
@@ -216,3 +278,63 @@ def verify(
         logits = {"a": result.logits_a.contiguous(), "b": result.logits_b.contiguous()}
         write_file_atomically(save_logits, save(logits), overwrite=overwrite)
     return result
+
+
+@dataclass(frozen=True)
+class _Tolerance:
+    exact: bool
+    atol: float
+    kl_max: float
+
+    @property
+    def mode(self) -> str:
+        return "exact" if self.exact else "tolerance"
+
+    def within(self, metrics: StateMetrics | LogitMetrics) -> bool:
+        return metrics.identical if self.exact else metrics.max_abs_error <= self.atol
+
+
+def _run_case(
+    case: Case,
+    weights_a: model.WeightReader,
+    weights_b: model.WeightReader,
+    tolerance: _Tolerance,
+    progress: Progress,
+    generate: int,
+    decoder: Any,
+) -> tuple[CaseReport, torch.Tensor, torch.Tensor]:
+    found = CaseReport(case.id, case.tokens, case.text)
+    ids = torch.tensor(case.tokens)
+    rotary = model.rotary_cos_sin(weights_a.config, len(case.tokens))
+    cache_a, cache_b = (model.KVCache(), model.KVCache()) if generate else (None, None)
+
+    def record(step: str, where: int | str, x_a: torch.Tensor, x_b: torch.Tensor) -> None:
+        metrics = state_metrics(step, x_a, x_b)
+        found.states.append(metrics)
+        if not tolerance.within(metrics):
+            found.same = False
+            if found.first_divergent_layer is None:
+                found.first_divergent_layer = where
+        progress(1)
+
+    x_a, x_b = model.embed(weights_a, ids), model.embed(weights_b, ids)
+    record("embedding", "embedding", x_a, x_b)
+    for layer in range(weights_a.config.num_hidden_layers):
+        x_a = model.block(x_a, weights_a, layer, rotary, cache_a)
+        x_b = model.block(x_b, weights_b, layer, rotary, cache_b)
+        record(f"layer {layer}", layer, x_a, x_b)
+    logits_a, logits_b = model.unembed(x_a, weights_a), model.unembed(x_b, weights_b)
+    found.logits = logit_metrics(logits_a, logits_b)
+    if not tolerance.within(found.logits) or (not tolerance.exact and found.logits.kl_max > tolerance.kl_max):
+        found.same = False
+    if generate:
+        start = len(case.tokens)
+        more_a = model.greedy(weights_a, logits_a[-1], start, generate, cache_a)
+        more_b = model.greedy(weights_b, logits_b[-1], start, generate, cache_b)
+        progress(generate)
+        parted = next((i for i, (x, y) in enumerate(zip(more_a, more_b, strict=True)) if x != y), None)
+        texts = (decoder(more_a), decoder(more_b)) if decoder else (None, None)
+        found.generation = Generation(more_a, more_b, *texts, parted_at=parted)
+        if parted is not None:
+            found.same = False
+    return found, logits_a, logits_b

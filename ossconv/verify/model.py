@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -97,7 +98,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def attention(x: torch.Tensor, weights: WeightReader, layer: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+@dataclass
+class KVCache:
+    """Each layer's keys (after rotary) and values so far, ``(T, KV heads, D)``: generation then computes one
+    new token per step, so its cost grows linearly with the number of tokens."""
+
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.keys:
+            k, v = torch.cat((self.keys[layer], k)), torch.cat((self.values[layer], v))
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
+def attention(
+    x: torch.Tensor,
+    weights: WeightReader,
+    layer: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cache: KVCache | None = None,
+    start: int = 0,
+) -> torch.Tensor:
+    """Attention for tokens at positions ``start`` .. ``start + T - 1`` (``cos``/``sin`` for those), over the
+    cached keys and values of earlier positions when a ``cache`` is given."""
     cfg = weights.config
     p = f"block.{layer}.attn."
     t = rms_norm(x, weights.dense(p + "norm.scale"))
@@ -108,12 +134,16 @@ def attention(x: torch.Tensor, weights: WeightReader, layer: int, cos: torch.Ten
     k = qkv[:, cfg.q_dim : cfg.q_dim + cfg.kv_dim].reshape(num_tokens, kv_heads, d)
     v = qkv[:, cfg.q_dim + cfg.kv_dim :].reshape(num_tokens, kv_heads, d)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if cache is not None:
+        k, v = cache.extend(layer, k, v)  # (S, KV, D): every position so far
     q = q.view(num_tokens, kv_heads, group, d)
-    scores = torch.einsum("qhmd,khd->hmqk", q, k) / math.sqrt(d)  # (KV, G, T, T)
-    mask = torch.triu(torch.full((num_tokens, num_tokens), -math.inf), diagonal=1)
+    scores = torch.einsum("qhmd,khd->hmqk", q, k) / math.sqrt(d)  # (KV, G, T, S)
+    query_at = torch.arange(start, start + num_tokens).unsqueeze(1)
+    key_at = torch.arange(k.shape[0]).unsqueeze(0)
+    hidden = key_at > query_at
     if cfg.is_sliding(layer):  # a query at t sees keys t - window + 1 .. t
-        mask += torch.tril(torch.full((num_tokens, num_tokens), -math.inf), diagonal=-cfg.sliding_window)
-    scores = scores + mask
+        hidden |= query_at - key_at >= cfg.sliding_window
+    scores = scores.masked_fill(hidden, -math.inf)
     sinks = weights.dense(p + "sinks").view(kv_heads, group, 1, 1).expand(-1, -1, num_tokens, 1)
     probs = torch.softmax(torch.cat([scores, sinks], dim=-1), dim=-1)[..., :-1]  # the sink only absorbs mass
     out = torch.einsum("hmqk,khd->qhmd", probs, v).reshape(num_tokens, cfg.q_dim)
@@ -149,9 +179,14 @@ def embed(weights: WeightReader, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def block(
-    x: torch.Tensor, weights: WeightReader, layer: int, rotary: tuple[torch.Tensor, torch.Tensor]
+    x: torch.Tensor,
+    weights: WeightReader,
+    layer: int,
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    cache: KVCache | None = None,
+    start: int = 0,
 ) -> torch.Tensor:
-    return moe(attention(x, weights, layer, *rotary), weights, layer)
+    return moe(attention(x, weights, layer, *rotary, cache=cache, start=start), weights, layer)
 
 
 def unembed(x: torch.Tensor, weights: WeightReader) -> torch.Tensor:
@@ -172,3 +207,26 @@ def forward(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
     for layer in range(ckpt.config.num_hidden_layers):
         x = block(x, weights, layer, rotary)
     return unembed(x, weights)
+
+
+def step(
+    weights: WeightReader, token: int, position: int, cache: KVCache, rotary: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """Logits ``(vocab,)`` after one more token at ``position``, reading earlier positions from ``cache``;
+    ``rotary`` covers every position up to this one."""
+    cos, sin = rotary
+    x = embed(weights, torch.tensor([token]))
+    for layer in range(weights.config.num_hidden_layers):
+        x = block(x, weights, layer, (cos[position : position + 1], sin[position : position + 1]), cache, position)
+    return unembed(x, weights)[0]
+
+
+def greedy(weights: WeightReader, logits: torch.Tensor, start: int, count: int, cache: KVCache) -> list[int]:
+    """``count`` tokens by argmax, continuing from the prompt's last ``logits`` at ``start`` tokens."""
+    rotary = rotary_cos_sin(weights.config, start + count)
+    tokens = []
+    for position in range(start, start + count):
+        tokens.append(int(torch.argmax(logits)))
+        if position + 1 < start + count:
+            logits = step(weights, tokens[-1], position, cache, rotary)
+    return tokens
