@@ -93,7 +93,7 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
         return True, f"{ckpt.layout} layout, {len(ckpt.tensors)} tensors, {ckpt.total_bytes / 1e6:.2f} MB"
 
     def inspect(layout: str) -> tuple[bool, str]:
-        report = inspect_checkpoint(path(f"{layout}-mxfp4"))
+        report = inspect_checkpoint(path(f"{layout}-mxfp4"), stats=True)
         blocks = sum(s.blocks for s in report.mxfp4)
         detail = f"{report.layout}/{report.precision}, {len(report.tensors)} tensors, {blocks} MXFP4 blocks"
         problems = "; ".join(p.message for p in report.problems[:2])
@@ -146,7 +146,7 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
         )
 
     def inspect_gguf(name: str) -> tuple[bool, str]:
-        report = inspect_checkpoint(path(name))
+        report = inspect_checkpoint(path(name), stats=True)
         blocks = sum(s.blocks for s in report.mxfp4)
         arch = report.metadata.get("general.architecture")
         return not report.problems, f"architecture {arch}, {len(report.tensors)} tensors, {blocks} MXFP4 blocks"

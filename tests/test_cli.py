@@ -13,7 +13,7 @@ from ossconv.checkpoint import open_checkpoint
 
 
 def test_inspect_text(run_cli, checkpoints):
-    result = run_cli("inspect", checkpoints["openai-mxfp4"])
+    result = run_cli("inspect", checkpoints["openai-mxfp4"], "--stats")
     assert result.code == 0, result.err
     assert "openai layout, experts mxfp4, model custom" in result.out
     assert "block.1.mlp.mlp2_weight.blocks" in result.out
@@ -22,7 +22,7 @@ def test_inspect_text(run_cli, checkpoints):
 
 
 def test_inspect_json_is_one_document(run_cli, checkpoints):
-    result = run_cli("inspect", checkpoints["hf-mxfp4"], "--json")
+    result = run_cli("inspect", checkpoints["hf-mxfp4"], "--json", "--stats")
     assert result.code == 0
     report = json.loads(result.out)
     assert (report["layout"], report["precision"], report["problems"]) == ("hf", "mxfp4", [])
@@ -46,7 +46,7 @@ def test_inspect_lists_problems_with_exit_1(run_cli, checkpoints, copy_of):
     tensors["block.1.mlp.mlp2_weight.scales"][0, 0, 0] = 255  # decodes to Inf unless the block is all zero
     tensors["block.1.mlp.mlp2_weight.blocks"][0, 0, 0, 0] = 0x07
     save_file(tensors, folder / "model.safetensors")
-    result = run_cli("inspect", folder, "--json")
+    result = run_cli("inspect", folder, "--json", "--stats")
     assert result.code == 1
     problems = messages(result)
     assert "missing tensor block.1.attn.sinks" in problems
@@ -150,7 +150,7 @@ def test_a_bug_exits_3_with_one_line(run_cli, checkpoints, monkeypatch):
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(ossconv.inspection, "inspect_checkpoint", broken)
-    result = run_cli("inspect", checkpoints["openai-mxfp4"])
+    result = run_cli("inspect", checkpoints["openai-mxfp4"], "--stats")
     assert result.code == 3
     assert result.err == (
         "Error: internal error in ossconv (ZeroDivisionError: division by zero); "
@@ -175,3 +175,12 @@ def test_module_entry_point_runs():
 
     done = subprocess.run([sys.executable, "-m", "ossconv", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "inspect" in done.stdout
+
+
+def test_inspect_reads_headers_only_by_default_and_stats_on_request(run_cli, checkpoints):
+    import json as _json
+
+    quick = _json.loads(run_cli("inspect", checkpoints["openai-mxfp4"], "--json").out)
+    full = _json.loads(run_cli("inspect", checkpoints["openai-mxfp4"], "--json", "--stats").out)
+    assert quick["mxfp4"] == [] and len(full["mxfp4"]) == 4
+    assert {k: v for k, v in quick.items() if k != "mxfp4"} == {k: v for k, v in full.items() if k != "mxfp4"}

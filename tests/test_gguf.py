@@ -106,8 +106,8 @@ def test_round_trip_through_gguf_is_byte_identical(sources, tmp_path, name, layo
 def test_inspect_reads_gguf(sources, run_cli):
     import json
 
-    ours = json.loads(run_cli("inspect", sources["mxfp4"], "--json").out)
-    theirs = json.loads(run_cli("inspect", sources["llama-mxfp4"], "--json").out)
+    ours = json.loads(run_cli("inspect", sources["mxfp4"], "--json", "--stats").out)
+    theirs = json.loads(run_cli("inspect", sources["llama-mxfp4"], "--json", "--stats").out)
     assert theirs["layout"] == "gguf" and theirs["metadata"]["general.architecture"] == "gpt-oss"
     assert [s["scale_histogram"] for s in theirs["mxfp4"]] == [s["scale_histogram"] for s in ours["mxfp4"]]
     assert theirs["config"] == ours["config"]
