@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ossconv.errors import CheckpointError
-from ossconv.files import TensorInfo, inside_folder, open_file, read_folder_tensors, read_json
+from ossconv.files import TensorInfo, inside_folder, read_folder_tensors, read_json, read_rows
 from ossconv.formats import layouts, mxfp4
 from ossconv.formats.config import ModelConfig
 from ossconv.formats.precision import Precision
@@ -92,8 +92,7 @@ class Checkpoint:
         info = self.info(name)
         if name in self.pieces:
             return self.get_rows(name, 0, info.shape[0])
-        with open_file(info.file) as handle:
-            return handle.get_tensor(name)
+        return read_rows(info, 0, info.shape[0] if info.shape else 1)
 
     def canonical(self, name: str) -> torch.Tensor:
         """A dense tensor by its canonical (OpenAI) name, in its stored dtype (HF's q/k/v rows re-fused)."""
@@ -116,13 +115,10 @@ class Checkpoint:
         stop = start + 1 if stop is None else stop
         if name in self.pieces:
             parts = [self._piece(name, expert) for expert in range(start, stop)]
-            rows = []
-            for part in parts:
-                with open_file(part.file) as handle:
-                    rows.append(handle.get_tensor(part.name))
-            return torch.stack(rows)
-        with open_file(info.file) as handle:
-            return handle.get_slice(name)[start:stop]
+            return torch.stack(
+                [read_rows(part, 0, part.shape[0]) if part.shape else read_rows(part, 0, 1) for part in parts]
+            )
+        return read_rows(info, start, stop)
 
     def get_expert(
         self, weight: layouts.ExpertWeight, expert: int, dtype: torch.dtype, out: torch.Tensor | None = None
@@ -189,9 +185,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if layout is None:
         raise CheckpointError("no gpt-oss tensors found (neither OpenAI nor Hugging Face names)", folder)
     config_path = home / CONFIG_NAME
-    if not config_path.is_file():
+    if not config_path.exists() and not config_path.is_symlink():
         raise CheckpointError("config.json is missing", home)
-    raw_config = read_json(config_path)
+    raw_config = read_json(config_path, home, "config.json")
     try:
         config = ModelConfig.from_openai(raw_config) if layout == layouts.OPENAI else ModelConfig.from_hf(raw_config)
     except (ValueError, TypeError) as error:

@@ -274,6 +274,39 @@ def reshard(
 @click.argument("a", type=click.Path())
 @click.argument("b", type=click.Path())
 @click.option("--tokens", default=None, help="Token ids to run, e.g. 1,2,3.")
+@click.option("--prompt", "prompts", multiple=True, help="A text prompt, through A's own tokenizer (repeatable).")
+@click.option(
+    "--chat",
+    "chats",
+    multiple=True,
+    type=click.Path(),
+    help="A JSON file of {role, content} messages, rendered with A's chat template (repeatable).",
+)
+@click.option(
+    "--prompts",
+    "cases_file",
+    type=click.Path(),
+    default=None,
+    help='A JSON-lines file of cases: {"text": ...} or {"messages": [...]}, optionally an "id".',
+)
+@click.option(
+    "--tokenizer",
+    type=click.Path(),
+    default=None,
+    help="tokenizer.json (or its folder) when none is beside A (or above an original/ folder).",
+)
+@click.option(
+    "--reasoning-effort",
+    type=click.Choice(["low", "medium", "high"]),
+    default=None,
+    help="Passed to the chat template, as gpt-oss's expects.",
+)
+@click.option(
+    "--generate",
+    type=click.IntRange(0),
+    default=0,
+    help="Also continue each case greedily for N tokens on A and on B; different continuations differ.",
+)
 @click.option("--prompt-tokens", type=click.Path(), default=None, help="File of token ids (commas, spaces or JSON).")
 @click.option("--num-tokens", type=click.IntRange(1), default=None, help="Run N random token ids (default 32).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --num-tokens.")
@@ -306,6 +339,12 @@ def verify(
     a: str,
     b: str,
     tokens: str | None,
+    prompts: tuple[str, ...],
+    chats: tuple[str, ...],
+    cases_file: str | None,
+    tokenizer: str | None,
+    reasoning_effort: str | None,
+    generate: int,
     prompt_tokens: str | None,
     num_tokens: int | None,
     seed: int,
@@ -329,6 +368,8 @@ def verify(
     Examples:
       ossconv verify gpt-oss-20b/original gpt-oss-20b-hf
       ossconv verify original converted --exact --report verify.json
+      ossconv verify gpt-oss-20b converted --prompt "Why is the sky blue?" --generate 16
+      ossconv verify gpt-oss-20b converted --prompts cases.jsonl --reasoning-effort low --generate 32
     """
     from ossconv.verify.lockstep import parse_tokens
     from ossconv.verify.lockstep import verify as run
@@ -341,6 +382,12 @@ def verify(
             prompt_tokens=prompt_tokens,
             num_tokens=num_tokens,
             seed=seed,
+            prompts=prompts,
+            chats=chats,
+            cases_file=cases_file,
+            tokenizer=tokenizer,
+            reasoning_effort=reasoning_effort,
+            generate=generate,
             exact=exact,
             atol=atol,
             kl_max=kl_max,

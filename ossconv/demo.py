@@ -5,6 +5,7 @@ A new user sees every command work, on their machine, in seconds, with no downlo
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ossconv import synthetic
+from ossconv import harmony, synthetic
 from ossconv.checkpoint import Checkpoint, open_checkpoint
 from ossconv.convert.layout import convert
 from ossconv.convert.precision import pack, unpack
@@ -23,6 +24,8 @@ from ossconv.expert_parallel import merge
 from ossconv.formats import layouts
 from ossconv.inspection import inspect_checkpoint
 from ossconv.verify.lockstep import verify
+
+TEXT_VOCAB = 320  # room for a byte-level vocabulary and the 21 Harmony special tokens
 
 
 @dataclass
@@ -151,6 +154,27 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
         arch = report.metadata.get("general.architecture")
         return not report.problems, f"architecture {arch}, {len(report.tensors)} tensors, {blocks} MXFP4 blocks"
 
+    def text_model(name: str) -> tuple[bool, str]:
+        config = synthetic.tiny_config(vocab_size=TEXT_VOCAB)
+        synthetic.build(path(name) / "original", config, overwrite=True)
+        harmony.build_tokenizer(path(name), TEXT_VOCAB)  # beside original/, as the released repositories are
+        convert(path(name) / "original", path(f"{name}-hf"), to="hf", dtype="bf16", overwrite=True)
+        return True, f"vocabulary {TEXT_VOCAB} with the Harmony special tokens, our own Harmony chat template"
+
+    def verify_text(name: str) -> tuple[bool, str]:
+        chat = [{"role": "user", "content": "What does a fox say?"}]
+        (path(name) / "chat.json").write_text(json.dumps(chat))
+        report = verify(
+            path(name) / "original",
+            path(f"{name}-hf"),
+            prompts=["The quick brown fox"],
+            chats=[path(name) / "chat.json"],
+            generate=8,
+        )
+        same = all(c.generation.parted_at is None for c in report.cases)
+        detail = "continuations identical (8 greedy tokens each)" if same else "continuations part"
+        return report.same, f"{len(report.cases)} cases (a prompt, a Harmony chat), {detail}"
+
     def make_adapter(name: str) -> tuple[bool, str]:
         synthetic.build_lora(path(name), layers=[1], attention=False)  # experts: merged exactly in fp32
         return True, "rank 4 on both expert weights of layer 1"
@@ -195,6 +219,8 @@ def run_demo(out: str | Path | None = None, *, log: Callable[[DemoStep], None] |
             step("verify the gguf", do_verify, "hf-mxfp4", "model.gguf")
             if step("convert gguf -> hf", do_convert, "model.gguf", "hf-from-gguf", "hf", "mxfp4"):
                 step("gguf round trip byte-identical", byte_identical, "hf-mxfp4", "hf-from-gguf")
+        if step("text model: tokenizer and chat template", text_model, "text"):
+            step("verify --prompt/--chat --generate 8", verify_text, "text")
         if step("LoRA adapter (synthetic, PEFT's form)", make_adapter, "lora-adapter"):
             if step(
                 "convert --lora -> fp32 experts", do_lora, "openai-mxfp4", "lora-adapter", "lora-fp32", "openai", "fp32"

@@ -47,9 +47,9 @@ def rank_folder_name(rank: int, ranks: int) -> str:
 def rank_folders(folder: Path) -> list[Path] | None:
     """The rank folders of an expert-parallel checkpoint (None when ``folder`` is not one)."""
     manifest_path = folder / EP_MANIFEST_NAME
-    if not manifest_path.is_file():
+    if not manifest_path.exists() and not manifest_path.is_symlink():
         return None
-    manifest = read_json(manifest_path)
+    manifest = read_json(manifest_path, folder, "expert-parallel manifest")
     ranks = manifest.get("ranks")
     if manifest.get("format") != EP_FORMAT or not isinstance(ranks, list) or not ranks:
         raise CheckpointError(f"not an ossconv expert-parallel manifest (format {EP_FORMAT!r})", manifest_path)
@@ -191,7 +191,7 @@ def check_expert_parallel(folder: Path) -> None:
     folders = rank_folders(folder)
     if folders is None:
         return
-    manifest = json.loads((folder / EP_MANIFEST_NAME).read_text())
+    manifest = read_json(folder / EP_MANIFEST_NAME, folder, "expert-parallel manifest")
     entries = list(zip(manifest["ranks"], folders, strict=True))
     expected: dict[Path, str] = {}
     for entry, rank_folder in entries:

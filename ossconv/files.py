@@ -9,6 +9,8 @@ the folder. :mod:`ossconv.checkpoint` builds the model view on top.
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from ossconv.formats.precision import TORCH_DTYPES
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
+MAX_JSON_BYTES = 64 * 1024 * 1024  # an index, config or manifest of the largest model is well under 1 MB
 
 
 @dataclass(frozen=True)
@@ -47,10 +50,7 @@ def read_header(path: Path) -> tuple[int, dict[str, Any]]:
         if length > MAX_HEADER_BYTES or 8 + length > size:
             raise CheckpointError(f"not a safetensors file (header length {length} for a {size}-byte file)", path)
         raw = handle.read(length)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"safetensors header is not valid JSON ({error})", path) from None
+    header = parse_json(raw, path, "safetensors header")
     if not isinstance(header, dict):
         raise CheckpointError("safetensors header is not a JSON object", path)
     return 8 + length, header
@@ -77,6 +77,56 @@ def tensor_infos(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
+def parse_json(raw: bytes | str, path: Path, what: str = "file") -> Any:
+    """The one JSON parser for everything read from a checkpoint, adapter or manifest: whatever the input
+    (nesting thousands deep, integers of thousands of digits, bad UTF-8), the outcome is a value or one
+    CheckpointError naming the file."""
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{what} is not valid JSON ({str(error).splitlines()[0]})", path) from None
+    except RecursionError:
+        raise CheckpointError(f"{what} is nested too deeply to be a real one", path) from None
+    except ValueError as error:  # Python's limit on the digits of an integer
+        raise CheckpointError(f"{what} holds an absurd value ({str(error).splitlines()[0][:80]})", path) from None
+
+
+def check_regular(path: Path, folder: Path | None = None) -> None:
+    """Refuse anything but a regular file (a FIFO would block the read forever; a device or folder is no
+    checkpoint file), and, with ``folder``, a path whose symlinks lead outside it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise CheckpointError(f"cannot read: {error.strerror}", path) from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError("is not a regular file", path)
+    if folder is not None and not inside_folder(folder, path):
+        raise CheckpointError("symlink points outside the checkpoint folder", path)
+
+
+def read_rows(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` (first axis) of a stored tensor, read with one ``pread`` at offsets the header
+    gave: no header is parsed again and no memory map stays behind."""
+    rows = info.shape[0] if info.shape else 1
+    row_bytes = info.nbytes // rows if rows else 0
+    count = (stop - start) * row_bytes
+    fd = os.open(info.file, os.O_RDONLY)
+    try:
+        data = bytearray(count)
+        view, position, done = memoryview(data), info.offset + start * row_bytes, 0
+        while done < count:
+            got = os.preadv(fd, [view[done:]], position + done)
+            if got == 0:
+                raise CheckpointError(f"file ended inside tensor {info.name}", info.file)
+            done += got
+    except OSError as error:
+        raise CheckpointError(f"cannot read {info.name}: {error.strerror}", info.file) from None
+    finally:
+        os.close(fd)
+    tensor = torch.frombuffer(data, dtype=info.dtype) if count else torch.empty(0, dtype=info.dtype)
+    return tensor.view(stop - start, *info.shape[1:]) if info.shape else tensor.view(())
+
+
 def inside_folder(folder: Path, candidate: Path) -> bool:
     """Whether ``candidate`` exists and, symlinks resolved, lies inside ``folder``."""
     try:
@@ -89,16 +139,11 @@ def inside_folder(folder: Path, candidate: Path) -> bool:
 def weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a checkpoint folder and the index's weight map (None without an index)."""
     index_path = folder / INDEX_NAME
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise CheckpointError(
-                "not a valid index (expected a JSON object with a 'weight_map')", index_path
-            ) from None
+    if index_path.exists() or index_path.is_symlink():
+        index = read_json(index_path, folder, "index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError("not a valid index (expected a JSON object with a 'weight_map')", index_path)
         files = []
         for relative in dict.fromkeys(weight_map.values()):
             candidate = folder / relative
@@ -106,6 +151,7 @@ def weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
                 if not candidate.exists() and inside_folder(folder, candidate.parent):
                     raise CheckpointError(f"the index names {relative!r}, which does not exist", index_path)
                 raise CheckpointError(f"the index points outside the checkpoint folder: {relative!r}", index_path)
+            check_regular(candidate, folder)
             files.append(candidate)
         return files, weight_map
     files = sorted(p for p in folder.glob("*.safetensors") if p.is_file())
@@ -119,8 +165,7 @@ def weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
             )
         raise CheckpointError("no .safetensors files in this folder", folder)
     for file in files:
-        if not inside_folder(folder, file):
-            raise CheckpointError("symlink points outside the checkpoint folder", file)
+        check_regular(file, folder)
     return files, None
 
 
@@ -141,11 +186,13 @@ class open_file:
         self.handle.__exit__(*exc)
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"not valid JSON ({error})", path) from None
+def read_json(path: Path, folder: Path | None = None, what: str = "file") -> dict[str, Any]:
+    """A JSON object from a regular file (inside ``folder`` when given), of a sane size."""
+    check_regular(path, folder)
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{what} of {size} bytes is too large to be a real one", path)
+    value = parse_json(path.read_bytes(), path, what)
     if not isinstance(value, dict):
         raise CheckpointError("expected a JSON object", path)
     return value

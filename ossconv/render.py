@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from ossconv.demo import DemoResult
     from ossconv.hub import DownloadResult
     from ossconv.inspection import InspectReport
-    from ossconv.verify.lockstep import VerifyReport
+    from ossconv.verify.lockstep import CaseReport, VerifyReport
 
 
 def conversion_text(result: ConversionResult) -> None:
@@ -118,23 +118,58 @@ def inspect_text(report: InspectReport) -> None:
 
 
 def verify_text(report: VerifyReport) -> None:
-    """verify's text output: identities, a row per step, logits metrics, verdict."""
+    """verify's text output: identities, then a table of steps (one case of token ids) or a line per case."""
     click.echo(f"A: {report.a.path} ({report.a.layout}, {report.a.precision})")
     click.echo(f"B: {report.b.path} ({report.b.layout}, {report.b.precision})")
     tolerance = "bit-identical" if report.mode == "exact" else f"atol {report.atol:g}, KL max {report.kl_max:g}"
-    click.echo(f"{len(report.tokens)} tokens, fp32, {tolerance}")
+    if len(report.cases) == 1 and report.cases[0].text is None:
+        _case_table(report.cases[0], tolerance)
+    else:
+        click.echo(f"{len(report.cases)} case(s), fp32, {tolerance}")
+        for case in report.cases:
+            click.echo("  " + _case_line(case))
+    click.echo("verdict: same" if report.same else f"verdict: DIFFER{_where(report.cases)}")
+
+
+def _case_table(case: CaseReport, tolerance: str) -> None:
+    click.echo(f"{len(case.tokens)} tokens, fp32, {tolerance}")
     click.echo(f"  {'step':<12} {'max |A-B|':>11} {'rel error':>11} {'cosine':>10}")
-    for s in report.states:
+    for s in case.states:
         mark = "identical" if s.identical else ""
         click.echo(f"  {s.step:<12} {s.max_abs_error:11.3e} {s.relative_error:11.3e} {s.cosine:10.6f}  {mark}")
-    lg = report.logits
+    lg = case.logits
     click.echo(
         f"  logits: max |A-B| {lg.max_abs_error:.3e}, KL mean {lg.kl_mean:.3e} max {lg.kl_max:.3e}, "
         f"top-1 agreement {lg.top1_agreement:.2%}"
     )
-    if report.same:
-        click.echo("verdict: same")
-    else:
-        where = report.first_divergent_layer
-        where = "logits" if where is None else where if where == "embedding" else f"first divergent layer: {where}"
-        click.echo(f"verdict: DIFFER ({where})")
+    if case.generation is not None:
+        click.echo("  " + _generation(case))
+
+
+def _case_line(case: CaseReport) -> str:
+    where = "" if case.first_divergent_layer is None else f", first divergent layer {case.first_divergent_layer}"
+    line = f"{case.id}: {'same' if case.same else 'DIFFER'} ({len(case.tokens)} tokens{where}"
+    line += f", logits max |A-B| {case.logits.max_abs_error:.2e}"
+    return line + (f"; {_generation(case)})" if case.generation is not None else ")")
+
+
+def _generation(case: CaseReport) -> str:
+    g = case.generation
+    if g.parted_at is None:
+        shown = f": {g.text_a!r}" if g.text_a is not None else ""
+        return f"continuations identical ({len(g.a)} tokens){shown}"
+    return f"continuations part at token {g.parted_at}: A {g.a[g.parted_at]} vs B {g.b[g.parted_at]}"
+
+
+def _where(cases: list[CaseReport]) -> str:
+    differing = [c for c in cases if not c.same]
+    if len(cases) > 1:
+        return f" ({len(differing)} of {len(cases)} cases)"
+    case = differing[0]
+    if case.first_divergent_layer == "embedding":
+        return " (embedding)"
+    if case.first_divergent_layer is not None:
+        return f" (first divergent layer: {case.first_divergent_layer})"
+    if case.generation is not None and case.generation.parted_at is not None:
+        return f" (continuations part at token {case.generation.parted_at})"
+    return " (logits)"
