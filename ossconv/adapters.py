@@ -17,7 +17,7 @@ import torch
 
 from ossconv.checkpoint import Checkpoint
 from ossconv.errors import CheckpointError
-from ossconv.files import inside_folder, open_file, read_json
+from ossconv.files import check_regular, inside_folder, open_file, read_json
 from ossconv.formats import layouts, peft
 from ossconv.formats.layouts import HF
 
@@ -162,8 +162,9 @@ def load_adapter(folder: str | Path, ckpt: Checkpoint) -> Adapter:
         raise CheckpointError(
             f"{peft.CONFIG_NAME} is missing (it holds lora_alpha, without which r cannot scale)", folder
         )
-    config = read_json(config_path)
+    config = read_json(config_path, folder, peft.CONFIG_NAME)
     _check_config(config, config_path)
+    check_regular(weights, folder)
     with open_file(weights) as handle:  # LoRA factors are small; replacements are only measured here
         tensors = {
             key: handle.get_tensor(key) if ".lora_" in key else _Shape(tuple(handle.get_slice(key).get_shape()))

@@ -104,19 +104,40 @@ def write_command(ui: Output, label: str, run: Callable[..., Any], **kwargs: Any
     return EXIT_OK
 
 
+EXIT_SIGINT = 130  # 128 + the signal's number, as shells report a process a signal ended
+EXIT_SIGTERM = 143
+_received: list[int] = []
+
+
 def _error_line(error: BaseException) -> str:
     if isinstance(error, OssconvError):
-        return str(error)
-    if isinstance(error, OSError):
+        line = str(error)
+    elif isinstance(error, OSError):
         where = f"{error.filename}: " if error.filename else ""
-        return f"{where}{error.strerror or error}"
-    return str(error)
+        line = f"{where}{error.strerror or error}"
+    else:
+        line = str(error)
+    return _one_line(line)
+
+
+def _one_line(text: str) -> str:
+    """Names from inputs may hold line breaks; the error stays one line whatever they hold."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM unwinds like Ctrl-C: every ``with`` block on the way removes its temporary output."""
+    _received.append(signum)
+    raise KeyboardInterrupt
 
 
 def run_group(cli: click.Group, argv: list[str] | None = None) -> None:
     """Run the command and turn every outcome into one exit code and at most one error line."""
+    import signal
+
     from safetensors import SafetensorError
 
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         code = cli.main(args=argv, prog_name="ossconv", standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -124,9 +145,11 @@ def run_group(cli: click.Group, argv: list[str] | None = None) -> None:
     except click.ClickException as error:
         error.show()
         code = EXIT_BAD_INPUT if error.exit_code != 0 else 0
-    except click.Abort:
-        click.echo("Aborted.", err=True)
-        code = EXIT_BAD_INPUT
+    except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C (and our SIGTERM) into Abort
+        terminated = bool(_received)
+        name = "SIGTERM" if terminated else "SIGINT"
+        click.echo(f"Error: interrupted ({name}); no output was left behind", err=True)
+        code = EXIT_SIGTERM if terminated else EXIT_SIGINT
     except (OssconvError, OSError, SafetensorError, json.JSONDecodeError) as error:
         if os.environ.get(DEBUG_ENV):
             traceback.print_exc()
@@ -135,10 +158,11 @@ def run_group(cli: click.Group, argv: list[str] | None = None) -> None:
     except Exception as error:  # a bug: one line, never mistaken for "checkpoints differ"
         if os.environ.get(DEBUG_ENV):
             traceback.print_exc()
+        message = _one_line(f"{type(error).__name__}: {error}")
         click.echo(
-            f"Error: internal error in ossconv ({type(error).__name__}: {error}); "
-            f"rerun with {DEBUG_ENV}=1 for the traceback",
-            err=True,
+            f"Error: internal error in ossconv ({message}); rerun with {DEBUG_ENV}=1 for the traceback", err=True
         )
         code = EXIT_BUG
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sys.exit(code if isinstance(code, int) else EXIT_OK)

@@ -26,6 +26,8 @@ from ossconv.convert.plan import plan
 from ossconv.convert.target import ConversionResult, ExpertForm, Target, WriteOptions
 from ossconv.errors import CheckpointError, OssconvError, OutputExistsError
 from ossconv.files import TensorInfo, inside_folder, read_json
+from ossconv.formats.config import LIMITS
+from ossconv.outputs import place, temporary
 from ossconv.progress import Progress
 from ossconv.units import DEFAULT_MAX_SHARD_SIZE, format_ranges
 from ossconv.writer import check_output_apart
@@ -53,11 +55,16 @@ def rank_folders(folder: Path) -> list[Path] | None:
     ranks = manifest.get("ranks")
     if manifest.get("format") != EP_FORMAT or not isinstance(ranks, list) or not ranks:
         raise CheckpointError(f"not an ossconv expert-parallel manifest (format {EP_FORMAT!r})", manifest_path)
-    if not _is_count(manifest.get("num_experts")):
-        raise CheckpointError("num_experts must be a positive integer", manifest_path)
+    total = manifest.get("num_experts")
+    if not _is_count(total) or total > LIMITS["num_experts"]:
+        raise CheckpointError(
+            f"num_experts must be a positive integer of at most {LIMITS['num_experts']}", manifest_path
+        )
+    if len(ranks) > total:
+        raise CheckpointError(f"{len(ranks)} ranks for {total} experts", manifest_path)
     folders = []
     for rank in ranks:
-        problem = _rank_entry_problem(rank)
+        problem = _rank_entry_problem(rank, total)
         if problem:
             raise CheckpointError(f"a rank entry is malformed: {problem}", manifest_path)
         relative = rank["folder"]
@@ -74,7 +81,7 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _rank_entry_problem(rank: object) -> str | None:
+def _rank_entry_problem(rank: object, total: int) -> str | None:
     """What is wrong with one manifest rank entry ({folder, experts: [start, stop], files: {name: sha256}})."""
     if not isinstance(rank, dict):
         return "not an object"
@@ -85,9 +92,9 @@ def _rank_entry_problem(rank: object) -> str | None:
         not isinstance(experts, list)
         or len(experts) != 2
         or not all(isinstance(e, int) and not isinstance(e, bool) for e in experts)
-        or not 0 <= experts[0] < experts[1]
+        or not 0 <= experts[0] < experts[1] <= total
     ):
-        return f"experts must be [first, stop) with 0 <= first < stop, got {experts!r}"
+        return f"experts must be [first, stop) with 0 <= first < stop <= {total}, got {experts!r}"
     files = rank.get("files")
     if not isinstance(files, dict) or not all(
         isinstance(k, str) and isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for k, v in files.items()
@@ -123,7 +130,8 @@ def write_ranks(ckpt: Checkpoint, out: Path, ranks: int, options: WriteOptions) 
     if out.exists() and not options.overwrite:
         raise OutputExistsError(out)
     per_rank = total // ranks
-    temp = out.parent / f".{out.name}.ossconv-tmp-{os.getpid()}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temp = temporary(out)
     shutil.rmtree(temp, ignore_errors=True)
     entries, tensors, files = [], 0, 0
     hashes: dict[Path, Future[str]] = {}
@@ -157,9 +165,7 @@ def write_ranks(ckpt: Checkpoint, out: Path, ranks: int, options: WriteOptions) 
             },
         }
         (temp / EP_MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(temp, out)
+        place(temp, out, overwrite=options.overwrite)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     precision = ckpt.precision.value

@@ -11,6 +11,7 @@ from ossconv.errors import OssconvError
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes per shard file, as transformers' default "5GB"
 DEFAULT_MAX_SHARD_SIZE_TEXT = "5GB"
+MAX_SIZE = 1 << 60
 
 
 def parse_size(text: str | int) -> int:
@@ -23,6 +24,8 @@ def parse_size(text: str | int) -> int:
     number, unit = float(match.group(1)), (match.group(2) or "B").upper()
     base = 1024 if "I" in unit else 1000
     power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    if len(match.group(1)) > 20 or number * base**power >= MAX_SIZE:
+        raise OssconvError(f"size {text!r} is beyond any disk (at most {MAX_SIZE} bytes)")
     size = int(number * base**power)
     if size <= 0:
         raise OssconvError(f"size {text!r} must be positive")

@@ -25,6 +25,7 @@ from ossconv.errors import CheckpointError, OssconvError, OutputExistsError
 from ossconv.files import INDEX_NAME, TensorInfo
 from ossconv.formats.layouts import TensorSpec
 from ossconv.formats.precision import SAFETENSORS_DTYPES
+from ossconv.outputs import place, temporary
 from ossconv.progress import NoProgress, Progress
 from ossconv.units import DEFAULT_MAX_SHARD_SIZE
 
@@ -120,9 +121,10 @@ class CheckpointWriter:
                 self.slots[spec.name] = _Slot(spec, shard, len(header) + offsets[spec.name])
         self.fds: dict[int, int] = {}
         self.kernel_copy = hasattr(os, "copy_file_range")
-        self.temp = self.out.parent / f".{self.out.name}.ossconv-tmp-{os.getpid()}"
+        self.overwrite = overwrite
         try:  # last, so that nothing before can fail and leave it behind
             self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.temp = temporary(self.out)
             shutil.rmtree(self.temp, ignore_errors=True)
             self.temp.mkdir()
         except OSError as error:
@@ -237,16 +239,16 @@ class CheckpointWriter:
             }
             json_files = {INDEX_NAME: index, **json_files}
         for filename, value in json_files.items():
-            (self.temp / filename).write_text(json.dumps(value, indent=2) + "\n")
+            try:
+                (self.temp / filename).write_text(json.dumps(value, indent=2) + "\n")
+            except OSError as error:
+                raise OssconvError(f"cannot write {filename}: {error.strerror or error}", self.out) from None
         for side in side_files:
-            shutil.copyfile(side, self.temp / side.name)
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.ossconv-old-{os.getpid()}"
-            os.rename(self.out, old)
-            os.rename(self.temp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.temp, self.out)
+            try:
+                shutil.copyfile(side, self.temp / side.name)
+            except OSError as error:
+                raise OssconvError(f"cannot copy {side.name}: {error.strerror or error}", self.out) from None
+        place(self.temp, self.out, overwrite=self.overwrite)
         self.state = WriterState.FINISHED
         return self.out
 
@@ -279,11 +281,12 @@ def write_file_atomically(path: str | Path, data: bytes, *, overwrite: bool = Fa
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(path)
-    temp = path.with_name(f".{path.name}.ossconv-tmp-{os.getpid()}")
+    temp = temporary(path)
     try:
         temp.write_bytes(data)
-        os.replace(temp, path)
+        place(temp, path, overwrite=overwrite)
     except OSError as error:
-        temp.unlink(missing_ok=True)
         raise OssconvError(f"cannot write: {error.strerror}", path) from None
+    finally:
+        temp.unlink(missing_ok=True)
     return path

@@ -8,7 +8,6 @@ takes the header, metadata and tensor table; the data is then streamed one tenso
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from ossconv.errors import CheckpointError, OssconvError, OutputExistsError
 from ossconv.formats import ggml, layouts, mxfp4
 from ossconv.formats.layouts import HF, ExpertWeight
 from ossconv.formats.precision import Precision
+from ossconv.outputs import place, temporary
 from ossconv.prefetch import prefetch
 from ossconv.progress import NoProgress, Progress
 from ossconv.writer import WRITE_CHUNK, check_output_apart
@@ -256,7 +256,7 @@ def convert_to_gguf(
             add_tokenizer(writer, tokenizer, ckpt.config.vocab_size, _hf_config(ckpt), pre=tokenizer_pre)
         except (ValueError, KeyError, OSError) as error:
             raise CheckpointError(f"tokenizer: {error}", tokenizer / "tokenizer.json") from None
-    temp = out.with_name(f".{out.name}.ossconv-tmp-{os.getpid()}")
+    temp = temporary(out)
     try:
         writer.write_header_to_file(path=temp)
         writer.write_kv_data_to_file()
@@ -264,7 +264,7 @@ def convert_to_gguf(
         for t in tensors:
             writer.write_tensor_data(_Streamed(t.nbytes, prefetch(_pieces(ckpt, t, rule)), progress))
         writer.close()
-        os.replace(temp, out)
+        place(temp, out, overwrite=overwrite)
     except OSError as error:
         raise OssconvError(f"cannot write: {error.strerror or error}", out) from None
     finally:

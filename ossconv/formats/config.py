@@ -37,6 +37,26 @@ _POSITIVE_INTS = (
     "initial_context_length",
 )
 _POSITIVE_NUMBERS = ("swiglu_limit", "rope_theta", "rope_scaling_factor", "rope_ntk_alpha", "rope_ntk_beta")
+# Far above any real model (gpt-oss-120b: 36 layers, 128 experts, vocab 201088, hidden 2880), far below what
+# would make a loop over layers or experts, or an allocation, run away on a hostile config.
+LIMITS = {
+    "num_hidden_layers": 4096,
+    "num_experts": 65536,
+    "experts_per_token": 65536,
+    "vocab_size": 1 << 24,
+    "hidden_size": 1 << 20,
+    "intermediate_size": 1 << 20,
+    "head_dim": 1 << 16,
+    "num_attention_heads": 1 << 16,
+    "num_key_value_heads": 1 << 16,
+    "initial_context_length": 1 << 30,
+    "sliding_window": 1 << 30,
+    "swiglu_limit": 1e6,
+    "rope_theta": 1e15,
+    "rope_scaling_factor": 1e6,
+    "rope_ntk_alpha": 1e6,
+    "rope_ntk_beta": 1e6,
+}
 
 
 def _is_int(value: object) -> bool:
@@ -95,6 +115,11 @@ class ModelConfig:
             value = getattr(self, name)
             if not _is_number(value) or not value > 0 or value != value:
                 found.append(f"{name} must be a positive number, got {value!r}")
+        if found:
+            return found
+        for name, limit in LIMITS.items():
+            if getattr(self, name) > limit:
+                found.append(f"{name} is {getattr(self, name)!r}, beyond any real model (at most {limit:g})")
         if found:
             return found
         for name in ("hidden_size", "intermediate_size"):

@@ -138,7 +138,7 @@ def parse_tokens(text: str, source: str = "--tokens") -> list[int]:
     text = text.strip()
     try:
         values = json.loads(text) if text.startswith("[") else [int(t) for t in text.replace(",", " ").split()]
-    except (ValueError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError, as is Python's limit on digits
         raise OssconvError("token ids must be integers separated by commas or spaces, or a JSON list", source) from None
     if (
         not isinstance(values, list)

@@ -25,6 +25,7 @@ import torch
 
 from ossconv.adapters import Adapter, merge_expert, merge_rows
 from ossconv.checkpoint import Checkpoint
+from ossconv.errors import CheckpointError
 from ossconv.formats.config import RMS_NORM_EPS, SWIGLU_ALPHA, ModelConfig
 
 UNEMBED_ROWS = 16384  # vocabulary rows per step: 190 MB of fp32 at hidden 2880, not the 2.3 GB whole
@@ -51,12 +52,21 @@ class WeightReader:
             stop = values.shape[0] if values.dim() else 0
         else:
             values = self.ckpt.canonical_rows(name, start, stop).to(torch.float32)
-        return merge_rows(self.adapters, name, start, stop, values) if self.adapters else values
+        values = merge_rows(self.adapters, name, start, stop, values) if self.adapters else values
+        return self._finite(values, name)
 
     def expert(self, layer: int, proj: str, expert: int) -> torch.Tensor:
         """One expert's ``[out, in]`` weight of ``mlp1`` (gate/up interleaved rows) or ``mlp2``."""
         matrix = self.ckpt.get_expert(self._experts[(layer, proj)], expert, torch.float32)
-        return merge_expert(self.adapters, layer, proj, expert, matrix) if self.adapters else matrix
+        matrix = merge_expert(self.adapters, layer, proj, expert, matrix) if self.adapters else matrix
+        return self._finite(matrix, f"block.{layer}.mlp.{proj}_weight expert {expert}")
+
+    def _finite(self, values: torch.Tensor, what: str) -> torch.Tensor:
+        """NaN or Inf in a weight is bad input to name, not a difference to report."""
+        if not torch.isfinite(values).all():
+            bad = int((~torch.isfinite(values)).sum())
+            raise CheckpointError(f"{what} holds {bad} NaN or Inf value(s)", self.ckpt.path)
+        return values
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
