@@ -104,9 +104,13 @@ def write_command(ui: Output, label: str, run: Callable[..., Any], **kwargs: Any
     return EXIT_OK
 
 
-EXIT_SIGINT = 130  # 128 + the signal's number, as shells report a process a signal ended
-EXIT_SIGTERM = 143
-_received: list[int] = []
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: unwinds like an exception, so every ``with`` block on the way removes its temporary
+    output; not a KeyboardInterrupt, which click would answer with a line of its own."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _error_line(error: BaseException) -> str:
@@ -125,10 +129,8 @@ def _one_line(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM unwinds like Ctrl-C: every ``with`` block on the way removes its temporary output."""
-    _received.append(signum)
-    raise KeyboardInterrupt
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
 
 
 def run_group(cli: click.Group, argv: list[str] | None = None) -> None:
@@ -137,7 +139,7 @@ def run_group(cli: click.Group, argv: list[str] | None = None) -> None:
 
     from safetensors import SafetensorError
 
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = cli.main(args=argv, prog_name="ossconv", standalone_mode=False)
     except click.exceptions.Exit as done:
@@ -145,11 +147,13 @@ def run_group(cli: click.Group, argv: list[str] | None = None) -> None:
     except click.ClickException as error:
         error.show()
         code = EXIT_BAD_INPUT if error.exit_code != 0 else 0
-    except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C (and our SIGTERM) into Abort
-        terminated = bool(_received)
-        name = "SIGTERM" if terminated else "SIGINT"
+    except Interrupted as stop:
+        name = signal.Signals(stop.signum).name
         click.echo(f"Error: interrupted ({name}); no output was left behind", err=True)
-        code = EXIT_SIGTERM if terminated else EXIT_SIGINT
+        code = 128 + stop.signum  # as shells report a process a signal ended: 130, 143
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        code = EXIT_BAD_INPUT
     except (OssconvError, OSError, SafetensorError, json.JSONDecodeError) as error:
         if os.environ.get(DEBUG_ENV):
             traceback.print_exc()
@@ -164,5 +168,6 @@ def run_group(cli: click.Group, argv: list[str] | None = None) -> None:
         )
         code = EXIT_BUG
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     sys.exit(code if isinstance(code, int) else EXIT_OK)

@@ -26,6 +26,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -48,6 +49,7 @@ HF_ROOT_FILES = (
     "*.safetensors",
 )
 HASH_CHUNK = 16 << 20
+LISTING_TIMEOUT = 30.0  # seconds for the file listing: a Hub that never answers ends in one line, exit 2
 
 
 def wanted(path: str, layout: str) -> bool:
@@ -197,19 +199,27 @@ def _transfer_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def _hex(value: object, length: int, what: str, path: str) -> str | None:
+    """A digest from the Hub's listing, used in local file names and comparisons: hex of the right length only
+    (a listing that puts a path there must not steer a write outside the output folder)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not re.fullmatch(f"[0-9a-f]{{{length}}}", value):
+        raise OssconvError(f"the Hub lists {path!r} with a {what} that is not a {length}-digit hex digest: {value!r}")
+    return value
+
+
 def _list_files(api: Any, repo: str, revision: str | None) -> tuple[str, list[RemoteFile]]:
-    info = api.model_info(repo, revision=revision, files_metadata=True)
+    info = api.model_info(repo, revision=revision, files_metadata=True, timeout=LISTING_TIMEOUT)
     files = []
     for sibling in info.siblings or []:
         lfs = sibling.lfs
-        files.append(
-            RemoteFile(
-                sibling.rfilename,
-                int(lfs.size if lfs else sibling.size or 0),
-                lfs.sha256 if lfs else None,
-                None if lfs else sibling.blob_id,
-            )
-        )
+        size = int(lfs.size if lfs else sibling.size or 0)
+        if not 0 <= size < 1 << 50:
+            raise OssconvError(f"the Hub lists {sibling.rfilename!r} with an impossible size {size}")
+        sha256 = _hex(lfs.sha256, 64, "sha256", sibling.rfilename) if lfs else None
+        blob_id = None if lfs else _hex(sibling.blob_id, 40, "blob id", sibling.rfilename)
+        files.append(RemoteFile(sibling.rfilename, size, sha256, blob_id))
     return info.sha, files
 
 
@@ -300,6 +310,7 @@ def _fetch(
     partial.parent.mkdir(parents=True, exist_ok=True)
     transferred = 0
     for _ in range(2):
+        partial.touch(exist_ok=True)  # an empty file in the repository transfers nothing and is still a file
         try:
             url = hf_hub_url(repo, remote.path, revision=commit, endpoint=endpoint)
             metadata = get_hf_file_metadata(url, token=token, endpoint=endpoint)

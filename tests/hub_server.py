@@ -67,6 +67,7 @@ class HubServer:
         self._stopping = threading.Event()
         self._servers: list[ThreadingHTTPServer] = []
         self.url = self.cdn_url = ""
+        self.listed_oids: dict[str, str] = {}  # path -> the oid the listing claims (a hostile Hub's lie)
 
     # ---- repo model -------------------------------------------------------------------------
     @staticmethod
@@ -85,6 +86,8 @@ class HubServer:
             entry["lfs"] = {"oid": sha, "size": len(content), "pointerSize": len(pointer)}
         else:
             entry["oid"] = _git_oid(content)
+        if path in self.listed_oids:
+            entry["oid"] = self.listed_oids[path]
         return entry
 
     # ---- fault injection (thread-safe, keyed by path inside the repo) ------------------------

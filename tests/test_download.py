@@ -196,3 +196,23 @@ def test_damaged_record_only_costs_rehashing(hub, tmp_path):
     hub.log.clear()
     result = download(REPO, layout="openai", out=tmp_path / "dl")
     assert {f.action for f in result.files} == {"verified on disk"} and fetched(hub) == []
+
+
+def test_a_listing_whose_digest_is_a_path_writes_nothing_outside(hub, tmp_path, run_cli):
+    hub.listed_oids["original/config.json"] = "/../../../../../evil"
+    try:
+        before = sorted(p.name for p in tmp_path.iterdir())
+        one_error(run_cli("download", REPO, "--layout", "openai", "--out", tmp_path / "dl"), "hex digest")
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name != "dl") == before
+    finally:
+        hub.listed_oids.clear()
+
+
+def test_an_empty_file_downloads(hub, tmp_path):
+    hub.repos[REPO]["original/EMPTY"] = b""
+    try:
+        result = download(REPO, layout="openai", out=tmp_path / "dl")
+        assert (tmp_path / "dl" / "original" / "EMPTY").read_bytes() == b""
+        assert any(f.path == "original/EMPTY" for f in result.files)
+    finally:
+        del hub.repos[REPO]["original/EMPTY"]
