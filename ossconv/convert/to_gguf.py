@@ -28,6 +28,7 @@ from ossconv.prefetch import prefetch
 from ossconv.progress import NoProgress, Progress
 from ossconv.writer import WRITE_CHUNK, check_output_apart
 
+DENSE_ROWS = 16384  # rows of a 2-D tensor read and written at a time
 TOKENIZER_NOTE = "no tokenizer.json beside the source: llama.cpp needs the tokenizer metadata to run this file"
 
 
@@ -181,10 +182,17 @@ def _pieces(ckpt: Checkpoint, tensor: GgufTensor, rule: str) -> Iterator[torch.T
     if isinstance(tensor.source, ExpertWeight):
         yield from _expert_pieces(ckpt, tensor, rule)
         return
-    values = ggml.cut(
-        ckpt.canonical(tensor.source), tensor.how, tensor.rows, axis=-1 if tensor.how != ggml.WHOLE else 0
-    )
-    yield values.to(ggml.TORCH_OF_TYPE[tensor.ggml_type])
+    dtype = ggml.TORCH_OF_TYPE[tensor.ggml_type]
+    if tensor.rows is not None:  # q, k or v: rows of the fused qkv
+        yield ckpt.canonical_rows(tensor.source, *tensor.rows).to(dtype)
+        return
+    rows = tensor.shape[0] if len(tensor.shape) > 1 else None
+    if rows is None:  # 1-D: norms, biases, sinks
+        yield ggml.cut(ckpt.canonical(tensor.source), tensor.how, None, axis=-1).to(dtype)
+        return
+    for start in range(0, rows, DENSE_ROWS):  # an embedding is never whole in memory
+        chunk = ckpt.canonical_rows(tensor.source, start, min(rows, start + DENSE_ROWS))
+        yield ggml.cut(chunk, tensor.how, None, axis=-1).to(dtype)
 
 
 def _expert_pieces(ckpt: Checkpoint, tensor: GgufTensor, rule: str) -> Iterator[torch.Tensor]:
