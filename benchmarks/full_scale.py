@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import resource
 import shutil
 import subprocess
 import sys
@@ -120,6 +121,8 @@ def main() -> None:
     cp_seconds, _, _ = run_child(["cp", "-r", str(source), str(work / "cp")])
     shutil.rmtree(work / "cp")
     read_seconds, _, _ = run_child(["sh", "-c", f"cat {source}/*.safetensors > /dev/null"])
+    parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"(this process: {parent / 2**30:.2f} GiB; Linux reports a child's peak RSS as at least that)")
     print(f"anchors: cp -r {cp_seconds:.1f} s ({size / cp_seconds / 1e9:.2f} GB/s), read {read_seconds:.1f} s")
     print(f"{'step':<30} {'seconds':>8} {'GB/s':>6} {'peak RSS':>9} {'vs cp':>6} {'vs disk':>8}  check")
     for name, command, output, bound in steps:
