@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import REAL_20B_LAYER, folder_bytes, median_runs, run_child
+from common import REAL_20B_LAYER, folder_bytes, fresh_folder, median_runs, run_child
 
 from ossconv import synthetic
 from ossconv.checkpoint import open_checkpoint
@@ -49,9 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     ossconv = [sys.executable, "-m", "ossconv"]
     for layers in args.layers:
-        work = args.workdir / f"layers-{layers}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        work = fresh_folder(args.workdir / f"layers-{layers}")
         source = synthetic.build(work / "src", synthetic.tiny_config(num_hidden_layers=layers, **REAL_20B_LAYER))
         size = folder_bytes(source)
         run(["cat", *map(str, source.iterdir())])  # warm the page cache for both cp and convert

@@ -17,7 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from common import REAL_20B_LAYER, median_runs
+from common import REAL_20B_LAYER, fresh_folder, median_runs
 
 from ossconv import synthetic
 
@@ -31,9 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     ossconv = [sys.executable, "-m", "ossconv"]
     for layers in args.layers:
-        work = args.workdir / f"layers-{layers}"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
+        work = fresh_folder(args.workdir / f"layers-{layers}")
         config = synthetic.tiny_config(num_hidden_layers=layers, **REAL_20B_LAYER)
         source = synthetic.build(work / "src", config)
         adapter = synthetic.build_lora(work / "adapter", config, rank=args.rank)

@@ -59,3 +59,12 @@ def median_runs(commands: dict[str, list[str]], repeat: int, cleanup: list[Path]
             seconds[name].append(took)
             peaks[name] = max(peaks[name], rss)
     return {name: (statistics.median(seconds[name]), peaks[name]) for name in commands}
+
+
+def fresh_folder(folder: Path) -> Path:
+    """An empty working folder (whatever a previous, interrupted run left there is removed)."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder

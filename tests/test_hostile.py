@@ -265,6 +265,14 @@ def _temporaries(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if ".ossconv-tmp-" in p.name]
 
 
+def _started(source: Path, out: Path) -> subprocess.Popen:
+    """A conversion that has begun writing (its temporary folder exists)."""
+    child = _convert(source, out)
+    while not _temporaries(out.parent) and child.poll() is None:
+        time.sleep(0.01)
+    return child
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_run_leaves_nothing_and_a_rerun_is_clean(slow_source, tmp_path, sig, code):
     from helpers import assert_byte_identical
@@ -272,9 +280,7 @@ def test_interrupted_run_leaves_nothing_and_a_rerun_is_clean(slow_source, tmp_pa
     clean = tmp_path / "clean"
     assert _convert(slow_source, clean).wait() == 0
     out = tmp_path / "out"
-    child = _convert(slow_source, out)
-    while not _temporaries(tmp_path) and child.poll() is None:
-        time.sleep(0.01)
+    child = _started(slow_source, out)
     time.sleep(0.3)
     child.send_signal(sig)
     _, err = child.communicate(timeout=60)
@@ -288,9 +294,7 @@ def test_interrupted_run_leaves_nothing_and_a_rerun_is_clean(slow_source, tmp_pa
 
 def test_a_killed_run_is_reclaimed_by_the_next(slow_source, tmp_path):
     out = tmp_path / "out"
-    child = _convert(slow_source, out)
-    while not _temporaries(tmp_path) and child.poll() is None:
-        time.sleep(0.01)
+    child = _started(slow_source, out)
     child.kill()
     child.wait()
     left = _temporaries(tmp_path)
@@ -315,9 +319,7 @@ def test_two_concurrent_runs_one_wins(slow_source, tmp_path):
 
 def test_an_output_created_during_the_run_is_not_replaced(slow_source, tmp_path):
     out = tmp_path / "out"
-    child = _convert(slow_source, out)
-    while not _temporaries(tmp_path) and child.poll() is None:
-        time.sleep(0.01)
+    child = _started(slow_source, out)
     out.mkdir()
     (out / "mine.txt").write_text("a user's file")
     _, err = child.communicate(timeout=120)
