@@ -90,7 +90,9 @@ def main() -> None:
     if not (source / "config.json").is_file():
         print(f"building a synthetic gpt-oss-{args.model} ({shape['num_hidden_layers']} layers) in {source} ...")
         shutil.rmtree(source, ignore_errors=True)
-        synthetic.build(source, config, max_shard_size=5 * 10**9)
+        # In a child: the generator holds a whole embedding in fp32, and a child's peak RSS counts its parent's.
+        build = f"from ossconv import synthetic; synthetic.build({str(source)!r}, synthetic.{config!r})"
+        subprocess.run([sys.executable, "-c", build], check=True)
     size = folder_bytes(source)
     free = shutil.disk_usage(work).free
     print(f"source {size / 1e9:.2f} GB, {free / 1e9:.1f} GB free")
