@@ -133,9 +133,28 @@ def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+LARGE_ALLOCATION = 4 << 20
+
+
+def _bound_the_heap() -> None:
+    """Expert slices are tens of MB, allocated and freed thousands of times (on two threads). glibc raises its
+    mmap threshold after such frees and then serves them from the heap, which it keeps: peak RSS grew with the
+    number of layers converted (0.47 GB for 1 layer, 0.89 GB for 4). A fixed threshold gives large blocks back
+    to the system when freed, so RSS stays flat."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def run_group(cli: click.Group, argv: list[str] | None = None) -> None:
     """Run the command and turn every outcome into one exit code and at most one error line."""
     import signal
+
+    _bound_the_heap()
 
     from safetensors import SafetensorError
 
