@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from ossconv import __version__, render
-from ossconv.console import Output, output_options, run_group, write_command, write_options
+from ossconv.console import Output, output_options, rule_option, run_group, text_options, write_command, write_options
 from ossconv.errors import EXIT_DIFFER, EXIT_OK
 
 # ---------------------------------------------------------------------------------------------- commands
@@ -117,14 +117,7 @@ def unpack(checkpoint: str, output: str, dtype: str, overwrite: bool, max_shard_
 @cli.command()
 @click.argument("checkpoint", type=click.Path())
 @click.argument("output", type=click.Path())
-@click.option(
-    "--rule",
-    type=click.Choice(["up", "floor"]),
-    default="up",
-    show_default=True,
-    help="Scale rule: 'up' = triton_kernels ROUND_UP (what OpenAI and transformers use); "
-    "'floor' = OCP MX v1.0 / torchao FLOOR.",
-)
+@rule_option
 @write_options
 @output_options
 def pack(checkpoint: str, output: str, rule: str, overwrite: bool, max_shard_size: str, out: Output) -> int:
@@ -157,13 +150,7 @@ def pack(checkpoint: str, output: str, rule: str, overwrite: bool, max_shard_siz
     help="Precision of the expert weights only (mlp1/mlp2 = gate_up/down); every other tensor keeps its dtype. "
     "Default: as the source.",
 )
-@click.option(
-    "--rule",
-    type=click.Choice(["up", "floor"]),
-    default="up",
-    show_default=True,
-    help="MXFP4 scale rule when --dtype mxfp4 packs float experts (see 'ossconv pack --help').",
-)
+@rule_option
 @click.option(
     "--lora",
     "lora",
@@ -274,39 +261,7 @@ def reshard(
 @click.argument("a", type=click.Path())
 @click.argument("b", type=click.Path())
 @click.option("--tokens", default=None, help="Token ids to run, e.g. 1,2,3.")
-@click.option("--prompt", "prompts", multiple=True, help="A text prompt, through A's own tokenizer (repeatable).")
-@click.option(
-    "--chat",
-    "chats",
-    multiple=True,
-    type=click.Path(),
-    help="A JSON file of {role, content} messages, rendered with A's chat template (repeatable).",
-)
-@click.option(
-    "--prompts",
-    "cases_file",
-    type=click.Path(),
-    default=None,
-    help='A JSON-lines file of cases: {"text": ...} or {"messages": [...]}, optionally an "id".',
-)
-@click.option(
-    "--tokenizer",
-    type=click.Path(),
-    default=None,
-    help="tokenizer.json (or its folder) when none is beside A (or above an original/ folder).",
-)
-@click.option(
-    "--reasoning-effort",
-    type=click.Choice(["low", "medium", "high"]),
-    default=None,
-    help="Passed to the chat template, as gpt-oss's expects.",
-)
-@click.option(
-    "--generate",
-    type=click.IntRange(0),
-    default=0,
-    help="Also continue each case greedily for N tokens on A and on B; different continuations differ.",
-)
+@text_options
 @click.option("--prompt-tokens", type=click.Path(), default=None, help="File of token ids (commas, spaces or JSON).")
 @click.option("--num-tokens", type=click.IntRange(1), default=None, help="Run N random token ids (default 32).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --num-tokens.")

@@ -190,3 +190,54 @@ def run_group(cli: click.Group, argv: list[str] | None = None) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+def rule_option(function: Callable) -> Callable:
+    return click.option(
+        "--rule",
+        type=click.Choice(["up", "floor"]),
+        default="up",
+        show_default=True,
+        help="MXFP4 scale rule when float experts are encoded: 'up' = triton_kernels ROUND_UP (what OpenAI and "
+        "transformers use); 'floor' = OCP MX v1.0 / torchao FLOOR.",
+    )(function)
+
+
+def text_options(function: Callable) -> Callable:
+    """verify's text inputs: prompts, chats and case files through the checkpoint's own tokenizer."""
+    function = click.option(
+        "--generate",
+        type=click.IntRange(0),
+        default=0,
+        help="Also continue each case greedily for N tokens on A and on B; different continuations differ.",
+    )(function)
+    function = click.option(
+        "--reasoning-effort",
+        type=click.Choice(["low", "medium", "high"]),
+        default=None,
+        help="Passed to the chat template, as gpt-oss's expects.",
+    )(function)
+    function = click.option(
+        "--tokenizer",
+        type=click.Path(),
+        default=None,
+        help="tokenizer.json (or its folder) when none is beside A (or above an original/ folder).",
+    )(function)
+    function = click.option(
+        "--prompts",
+        "cases_file",
+        type=click.Path(),
+        default=None,
+        help='A JSON-lines file of cases: {"text": ...} or {"messages": [...]}, optionally an "id".',
+    )(function)
+    function = click.option(
+        "--chat",
+        "chats",
+        multiple=True,
+        type=click.Path(),
+        help="A JSON file of {role, content} messages, rendered with A's chat template (repeatable).",
+    )(function)
+    function = click.option(
+        "--prompt", "prompts", multiple=True, help="A text prompt, through A's own tokenizer (repeatable)."
+    )(function)
+    return function

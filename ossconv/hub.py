@@ -1,32 +1,33 @@
 """download: one layout of a gpt-oss repository from the Hugging Face Hub, resumable and SHA-256 checked.
 
-What huggingface_hub does for us (and we rely on, checked against 2.4.0): the endpoint, token and revision
-handling (``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``), the file listing with each LFS file's sha256
-(``HfApi.model_info(files_metadata=True)``), the per-file metadata and CDN location
-(``get_hf_file_metadata``), and the transfer (``http_get``, its HTTP session and headers): ``http_get``
-sends ``Range: bytes=N-`` when asked to resume at N and, within one call, retries a dropped connection from
-the bytes it has written.
+What huggingface_hub does for us (and we rely on, checked against 2.4.0): the endpoint, token and revision handling
+(``HF_ENDPOINT``, ``HF_TOKEN``, ``HF_HUB_OFFLINE``), the file listing with each LFS file's sha256
+(``HfApi.model_info(files_metadata=True)``), the per-file metadata and CDN location (``get_hf_file_metadata``), and
+the transfer (``http_get``, its HTTP session and headers): ``http_get`` sends ``Range: bytes=N-`` when asked to
+resume at N and, within one call, retries a dropped connection from the bytes it has written.
 
 What it does not do, and we add:
 - Resuming across runs. ``hf_hub_download`` names its partial file with a fresh random suffix each call,
   so a killed run's bytes are orphaned and the next run starts from byte 0. We keep our own partial file,
   ``<out>/.cache/ossconv/partial/<path>.<sha256 prefix>.part``, and hand its size to ``http_get`` as the
   resume point. Partial files of files that have since completed or left the listing are removed.
-- Checking content. huggingface_hub checks only a file's size. We hash every file before it is moved into
-  place and compare with the Hub's sha256 (LFS files) or git blob id (small files); a mismatch deletes the
-  bytes, downloads once more from scratch, and then fails naming the file.
-- Not redoing work. Each verified file is recorded with its size and mtime in
-  ``<out>/.cache/ossconv/verified.json``: a second run skips it without hashing, unless its size or mtime
-  changed, in which case it is hashed again (and fetched again if it no longer matches).
+- Checking content. huggingface_hub checks only a file's size. We hash every file before it is moved into place and
+  compare with the Hub's sha256 (LFS files) or git blob id (small files); a mismatch deletes the bytes, downloads
+  once more from scratch, and then fails naming the file.
+- Not redoing work. Each verified file is recorded with its size and mtime in ``<out>/.cache/ossconv/verified.json``:
+  a second run skips it without hashing, unless its size or mtime changed, in which case it is hashed again (and
+  fetched again if it no longer matches).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hashlib
+import importlib.util
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -189,12 +190,9 @@ def _transfer_errors() -> tuple[type[BaseException], ...]:
     import huggingface_hub.errors as hub_errors
 
     found: list[type[BaseException]] = [OSError, hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError]
-    found += [hub_errors.HFValidationError, hub_errors.FileMetadataError]
-    for module in ("httpx2", "httpx", "requests"):  # the HTTP client huggingface_hub uses
-        try:
-            client = __import__(module)
-        except ImportError:
-            continue
+    found += [hub_errors.HFValidationError, hub_errors.FileMetadataError]  # and the HTTP client's errors:
+    for module in ("httpx2", "httpx", "requests"):
+        client = sys.modules.get(module) or (importlib.util.find_spec(module) and importlib.import_module(module))
         found += [getattr(client, name) for name in ("HTTPError", "RequestException") if hasattr(client, name)]
     return tuple(found)
 
@@ -314,9 +312,9 @@ def _fetch(
         try:
             url = hf_hub_url(repo, remote.path, revision=commit, endpoint=endpoint)
             metadata = get_hf_file_metadata(url, token=token, endpoint=endpoint)
-            if partial.exists() and partial.stat().st_size > remote.size:
-                partial.unlink()
-            resume = partial.stat().st_size if partial.exists() else 0
+            if partial.stat().st_size > remote.size:
+                partial.write_bytes(b"")  # longer than the file: not a prefix of it
+            resume = partial.stat().st_size
             if resume < remote.size:
                 with open(partial, "ab") as handle:
                     http_get(
@@ -337,9 +335,8 @@ def _fetch(
             return sha256, transferred
         partial.unlink()  # corrupted: never resume from these bytes
     expected = remote.sha256 or f"git blob {remote.blob_id}"
-    raise OssconvError(
-        f"content does not match the Hub's checksum {expected} after a second download; nothing was kept", target
-    )
+    message = f"content does not match the Hub's checksum {expected} after a second download; nothing was kept"
+    raise OssconvError(message, target)
 
 
 def _offline(repo: str, layout: str, folder: Path, record: _Record, started: float) -> DownloadResult:
@@ -377,10 +374,10 @@ def _remove_orphans(folder: Path, listed: list[RemoteFile]) -> None:
                 partial.unlink(missing_ok=True)
 
 
-def _next_steps(folder: Path, layout: str) -> list[str]:
-    steps = []
-    if layout in ("openai", "all") and (folder / "original").is_dir():
-        steps += [f"ossconv inspect {folder / 'original'}", f"ossconv convert {folder / 'original'} OUT --to hf"]
+def _next_steps(folder: Path, layout: str) -> list[str]:  # what to run on what was fetched
+    steps, original = [], folder / "original"
+    if layout in ("openai", "all") and original.is_dir():
+        steps += [f"ossconv inspect {original}", f"ossconv convert {original} OUT --to hf"]
     if layout in ("hf", "all") and any(folder.glob("*.safetensors")):
         steps += [f"ossconv inspect {folder}", f"ossconv convert {folder} OUT --to openai"]
     return steps
