@@ -49,20 +49,44 @@ class RowDelta:
 
 
 class ExpertDelta:
-    """ParamWrapper's factors regrouped once per expert: ``B[e]`` ``[out, r]`` and ``A[e]`` ``[r, in]`` in fp32,
-    so merging expert e is one ``addmm`` into its weight (no ``[out, in]`` delta is ever formed)."""
+    """ParamWrapper's factors, read from the adapter file when this weight is merged and regrouped per expert:
+    ``B[e]`` ``[out, r]`` and ``A[e]`` ``[r, in]`` in fp32, so merging expert e is one ``addmm`` into its weight
+    (no ``[out, in]`` delta is ever formed). :meth:`release` drops them again: memory holds one weight's
+    factors, not the whole adapter's."""
 
-    def __init__(self, layer: int, proj: str, a: torch.Tensor, b: torch.Tensor, rank: int, scale: float, experts: int):
+    def __init__(self, layer: int, proj: str, file: Path, keys: tuple[str, str], rank: int, scale: float, experts: int):
         self.layer, self.proj, self.rank, self.scale, self.num_experts = layer, proj, rank, scale, experts
-        self.a = a.float().view(experts, rank, a.shape[-1]).contiguous()  # row e * r + k
-        self.b = b.float().view(b.shape[0], rank, experts).permute(2, 0, 1).contiguous()  # column k * E + e
+        self.file, self.keys = file, keys
+        self._factors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._factors is None:
+            with open_file(self.file) as handle:
+                a, b = (handle.get_tensor(key).float() for key in self.keys)
+            a = a.view(self.num_experts, self.rank, a.shape[-1]).contiguous()  # row e * r + k
+            b = b.view(b.shape[0], self.rank, self.num_experts).permute(2, 0, 1).contiguous()  # column k * E + e
+            self._factors = (a, b)
+        return self._factors
+
+    @property
+    def a(self) -> torch.Tensor:
+        return self._load()[0]
+
+    @property
+    def b(self) -> torch.Tensor:
+        return self._load()[1]
 
     def add_to(self, matrix: torch.Tensor, expert: int) -> torch.Tensor:
         """``matrix += s * B[e] @ A[e]`` in place (fp32)."""
-        return matrix.addmm_(self.b[expert], self.a[expert], alpha=self.scale)
+        a, b = self._load()
+        return matrix.addmm_(b[expert], a[expert], alpha=self.scale)
 
     def delta(self, expert: int) -> torch.Tensor:
-        return self.scale * (self.b[expert] @ self.a[expert])
+        a, b = self._load()
+        return self.scale * (b[expert] @ a[expert])
+
+    def release(self) -> None:
+        self._factors = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +143,14 @@ def merge_rows(adapters: Sequence[Adapter], canonical: str, lo: int, hi: int, va
     return values
 
 
+def release_expert(adapters: Sequence[Adapter], layer: int, proj: str) -> None:
+    """Drop the factors of one expert weight once it is merged."""
+    for adapter in adapters:
+        term = adapter.experts.get((layer, proj))
+        if term is not None:
+            term.release()
+
+
 def merge_expert(adapters: Sequence[Adapter], layer: int, proj: str, expert: int, matrix: torch.Tensor) -> torch.Tensor:
     """Add every adapter's delta for one expert to ``matrix`` (fp32 ``[out, in]``), in order, in place."""
     for adapter in adapters:
@@ -165,17 +197,27 @@ def load_adapter(folder: str | Path, ckpt: Checkpoint) -> Adapter:
     config = read_json(config_path, folder, peft.CONFIG_NAME)
     _check_config(config, config_path)
     check_regular(weights, folder)
-    with open_file(weights) as handle:  # LoRA factors are small; replacements are only measured here
+    with open_file(weights) as handle:  # attention factors are small: read now; experts' and replacements' later
         tensors = {
-            key: handle.get_tensor(key) if ".lora_" in key else _Shape(tuple(handle.get_slice(key).get_shape()))
+            key: handle.get_tensor(key) if _read_now(key) else _Shape(tuple(handle.get_slice(key).get_shape()), key)
             for key in handle.keys()
         }
     return _map(folder, weights, config, tensors, ckpt)
 
 
+def _read_now(key: str) -> bool:
+    return ".lora_" in key and ".mlp.experts" not in key
+
+
 @dataclass(frozen=True)
 class _Shape:
+    """A tensor of the adapter file known by its shape until it is used."""
+
     shape: tuple[int, ...]
+    key: str
+
+    def dim(self) -> int:
+        return len(self.shape)
 
 
 def _check_config(config: dict[str, Any], path: Path) -> None:
@@ -300,7 +342,7 @@ def _expert_term(
     rank, scale = peft.scaling(config, f"model.layers.{layer}.mlp.experts.{names[proj]}")
     _check_shape(f"{where} ({names[proj]}) lora_A", tuple(a.shape), (rank * experts, inp), weights)
     _check_shape(f"{where} ({names[proj]}) lora_B", tuple(b.shape), (out, rank * experts), weights)
-    return ExpertDelta(layer, proj, a, b, rank, scale, experts)
+    return ExpertDelta(layer, proj, weights, (a.key, b.key), rank, scale, experts)
 
 
 def _check_shape(what: str, shape: tuple[int, ...], expected: tuple[int, ...], weights: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ossconv.adapters import expert_delta_norm, merge_expert, merge_rows
+from ossconv.adapters import expert_delta_norm, merge_expert, merge_rows, release_expert
 from ossconv.checkpoint import Checkpoint
 from ossconv.convert.plan import Copy, Merge, Plan, Reencode, Repack
 from ossconv.convert.target import ConversionResult, WriteOptions
@@ -199,6 +199,7 @@ def _reencode(plan: Plan, step: Reencode, writer: CheckpointWriter) -> dict[str,
         write_expert_weight(
             writer, step.target, target.precision, slices, rule=target.rule, source_file=source_file, encoded=encoded
         )
+        release_expert(target.adapters, step.source.layer, step.source.proj)
         return stats.report()
     # Encoding reads source floats as they are (MXFP4 sources decode to fp32, exactly).
     if target.precision is Precision.MXFP4:
