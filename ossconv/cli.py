@@ -48,8 +48,13 @@ def cli() -> None:
 @click.option("--revision", default=None, help="Branch, tag or commit (default: main).")
 @click.option("--out", "folder", type=click.Path(), default=None, help="Folder to fill (default: the repo's name).")
 @click.option("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login).")
+@click.option(
+    "--min-rate", type=click.FloatRange(min=1), default=50_000, show_default=True, help="Slowest bytes/s accepted."
+)
 @output_options
-def download(repo: str, layout: str, revision: str | None, folder: str | None, token: str | None, out: Output) -> int:
+def download(
+    repo: str, layout: str, revision: str | None, folder: str | None, token: str | None, min_rate: float, out: Output
+) -> int:
     """Fetch one layout of REPO from the Hugging Face Hub, resumable, every file SHA-256 checked.
 
     \b
@@ -64,7 +69,9 @@ def download(repo: str, layout: str, revision: str | None, folder: str | None, t
     from ossconv.hub import download as run
 
     with out.progress("download") as progress:
-        result = run(repo, layout=layout, revision=revision, out=folder, token=token, progress=progress)
+        result = run(
+            repo, layout=layout, revision=revision, out=folder, token=token, progress=progress, min_rate=min_rate
+        )
     out.result(result.to_dict(), lambda: render.download_text(result))
     return EXIT_OK
 

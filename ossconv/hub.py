@@ -35,6 +35,7 @@ from typing import Any
 
 from ossconv.errors import OssconvError
 from ossconv.progress import NoProgress, Progress
+from ossconv.transfer import DEFAULT_MIN_RATE, deadline, forwarding_tqdm
 
 LAYOUT_CHOICES = ("openai", "hf", "metal", "all")
 RECORD = Path(".cache") / "ossconv" / "verified.json"
@@ -230,9 +231,11 @@ def download(
     token: str | None = None,
     endpoint: str | None = None,
     progress: Progress | None = None,
+    min_rate: float = DEFAULT_MIN_RATE,
 ) -> DownloadResult:
     """Fetch the files of ``layout`` (``openai``: ``original/``; ``hf``: root weights, index, config and
-    tokenizer files; ``metal``: ``metal/``; ``all``) into ``out`` (default: the repository's name).
+    tokenizer files; ``metal``: ``metal/``; ``all``) into ``out`` (default: the repository's name). A file that
+    arrives slower than ``min_rate`` bytes/s (after a minute's grace) is stopped with one error line.
 
     Example:
         >>> download("openai/gpt-oss-20b", layout="openai", out="gpt-oss-20b")  # doctest: +SKIP
@@ -270,7 +273,8 @@ def download(
         ok, sha256 = _matches(remote, target)
         action = "verified on disk"
         if not ok:
-            sha256, fetched = _fetch(repo, commit, remote, folder, target, token, endpoint, progress)
+            fetch = (repo, commit, remote, folder, target, token, endpoint, progress, min_rate)
+            sha256, fetched = _fetch(*fetch)
             result.bytes_downloaded += fetched
             action = "downloaded"
         else:
@@ -297,6 +301,7 @@ def _fetch(
     token: str | None,
     endpoint: str,
     progress: Progress | None,
+    min_rate: float = DEFAULT_MIN_RATE,
 ) -> tuple[str, int]:
     """Download one file into its partial file (resuming from the bytes there), check it, move it into
     place. Returns (sha256, bytes transferred). A mismatch is fetched once more from scratch."""
@@ -315,6 +320,7 @@ def _fetch(
             if partial.stat().st_size > remote.size:
                 partial.write_bytes(b"")  # longer than the file: not a prefix of it
             resume = partial.stat().st_size
+            until = deadline(remote.size - resume, min_rate)
             if resume < remote.size:
                 with open(partial, "ab") as handle:
                     http_get(
@@ -323,7 +329,7 @@ def _fetch(
                         resume_size=resume,
                         headers=build_hf_headers(token=token),
                         expected_size=remote.size,
-                        tqdm_class=_forwarding_tqdm(progress),
+                        tqdm_class=forwarding_tqdm(progress, remote.path, until, min_rate),
                     )
                 transferred += remote.size - resume
         except _transfer_errors() as error:  # the partial file stays: the next run resumes from it
@@ -381,20 +387,3 @@ def _next_steps(folder: Path, layout: str) -> list[str]:  # what to run on what 
     if layout in ("hf", "all") and any(folder.glob("*.safetensors")):
         steps += [f"ossconv inspect {folder}", f"ossconv convert {folder} OUT --to openai"]
     return steps
-
-
-def _forwarding_tqdm(progress: Progress | None) -> type:
-    """A silent tqdm for huggingface_hub whose byte updates feed our one progress bar."""
-    from tqdm.auto import tqdm
-
-    class Forwarding(tqdm):
-        def __init__(self, *args: Any, **kwargs: Any):
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-        def update(self, n: float | None = 1) -> bool | None:
-            if progress is not None and n:
-                progress(int(n))
-            return super().update(n)
-
-    return Forwarding

@@ -216,3 +216,22 @@ def test_an_empty_file_downloads(hub, tmp_path):
         assert any(f.path == "original/EMPTY" for f in result.files)
     finally:
         del hub.repos[REPO]["original/EMPTY"]
+
+
+def test_a_trickling_server_is_stopped_in_one_line(hub, tmp_path, monkeypatch):
+    import time
+
+    from ossconv import transfer
+    from ossconv.errors import OssconvError
+
+    monkeypatch.setattr(transfer, "DEFAULT_GRACE", 0.5)
+    monkeypatch.setattr(transfer.deadline, "__defaults__", (transfer.DEFAULT_MIN_RATE, 0.5))
+    hub.throttle(BIG_FILE, 2_000_000)  # 24 MiB at 2 MB/s: 12 s; huggingface_hub reports every 10 MiB
+    started = time.monotonic()
+    try:
+        with pytest.raises(OssconvError, match="slower than 1e\\+08 bytes/s"):
+            download(BIG_REPO, layout="openai", out=tmp_path / "dl", min_rate=1e8)
+    finally:
+        hub.throttle(BIG_FILE, None)
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "dl" / BIG_FILE).exists()
