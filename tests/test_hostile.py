@@ -248,9 +248,9 @@ def test_temporary_names_fit_the_file_system(sources, tmp_path, run_cli):
 
 @pytest.fixture(scope="module")
 def slow_source(tmp_path_factory):
-    """Big enough that a conversion to bf16 takes a few seconds: room to interrupt it."""
+    """Big enough that a conversion to fp32 writes 1.7 GB (seconds, even from the page cache): room to interrupt it."""
     config = synthetic.tiny_config(
-        num_hidden_layers=2, num_experts=16, hidden_size=1024, intermediate_size=1024, head_dim=64,
+        num_hidden_layers=4, num_experts=32, hidden_size=1024, intermediate_size=1024, head_dim=64,
         num_attention_heads=8, num_key_value_heads=2, vocab_size=2048,
     )  # fmt: skip
     return synthetic.build(tmp_path_factory.mktemp("slow") / "src", config)
@@ -281,7 +281,7 @@ def test_interrupted_run_leaves_nothing_and_a_rerun_is_clean(slow_source, tmp_pa
     assert _convert(slow_source, clean).wait() == 0
     out = tmp_path / "out"
     child = _started(slow_source, out)
-    time.sleep(0.3)
+    time.sleep(0.1)
     child.send_signal(sig)
     _, err = child.communicate(timeout=60)
     assert child.returncode == code, err
