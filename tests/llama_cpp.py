@@ -37,10 +37,10 @@ def converter_folder() -> Path:
     return folder
 
 
-def convert(model: Path, out: Path, keep_vocab: bool = False) -> None:
-    """Run llama.cpp's converter on an HF checkpoint folder."""
+def convert(model: Path, out: Path, keep_vocab: bool = False, extra: tuple[str, ...] = ()) -> None:
+    """Run llama.cpp's converter on an HF checkpoint folder (``extra``: more of its options)."""
     env = dict(os.environ, KEEP_VOCAB="1" if keep_vocab else "0")
-    command = [sys.executable, __file__, str(converter_folder()), str(model), "--outfile", str(out)]
+    command = [sys.executable, __file__, str(converter_folder()), str(model), "--outfile", str(out), *extra]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise AssertionError(f"llama.cpp's converter failed:\n{done.stderr[-3000:]}")

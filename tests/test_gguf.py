@@ -170,3 +170,20 @@ def test_codes_survive_the_ggml_repack_exhaustively():
     ours = mxfp4.decode(blocks, scales, torch.float32).numpy().reshape(theirs.shape)
     finite = np.isfinite(ours)
     assert np.array_equal(ours[finite], theirs[finite])
+
+
+def test_verify_reads_q8_0_dense_tensors(sources, tmp_path, run_cli):
+    """llama.cpp's --outtype q8_0 keeps the MXFP4 experts and stores 2-D weights as Q8_0 (lossy): read through
+    gguf-py's dequantizer, the model is close to its source but not the same."""
+    q8 = tmp_path / "q8.gguf"
+    llama_cpp.convert(sources["mxfp4"], q8, extra=("--outtype", "q8_0"))
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(q8).tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.ffn_up_exps.weight"] == gguf.GGMLQuantizationType.MXFP4
+    import json
+
+    close = run_cli("verify", sources["mxfp4"], q8, "--atol", "0.5", "--kl-max", "0.05", "--json")
+    assert close.code == 0, close.out + close.err
+    report = json.loads(close.out)
+    assert 0 < report["logits"]["max_abs_error"] < 0.5 and report["logits"]["top1_agreement"] > 0.9
+    assert run_cli("verify", sources["mxfp4"], q8, "--exact").code == 1
