@@ -62,10 +62,8 @@ class ExpertDelta:
     def _load(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._factors is None:
             with open_file(self.file) as handle:
-                a, b = (handle.get_tensor(key).float() for key in self.keys)
-            a = a.view(self.num_experts, self.rank, a.shape[-1]).contiguous()  # row e * r + k
-            b = b.view(b.shape[0], self.rank, self.num_experts).permute(2, 0, 1).contiguous()  # column k * E + e
-            self._factors = (a, b)
+                a, b = (handle.get_tensor(key) for key in self.keys)
+            self._factors = peft.expert_factors(a, b, self.rank, self.num_experts)
         return self._factors
 
     @property
@@ -80,10 +78,6 @@ class ExpertDelta:
         """``matrix += s * B[e] @ A[e]`` in place (fp32)."""
         a, b = self._load()
         return matrix.addmm_(b[expert], a[expert], alpha=self.scale)
-
-    def delta(self, expert: int) -> torch.Tensor:
-        a, b = self._load()
-        return self.scale * (b[expert] @ a[expert])
 
     def release(self) -> None:
         self._factors = None

@@ -23,7 +23,6 @@ from ossconv.formats.config import ModelConfig
 from ossconv.formats.layouts import OPENAI, ExpertWeight
 from ossconv.formats.precision import Precision
 
-LAYOUT = "gguf"
 Q = gguf.GGMLQuantizationType
 READABLE_TYPES = (Q.F32, Q.F16, Q.BF16, Q.MXFP4, Q.Q8_0)
 _KEY = f"{ggml.ARCH}."
@@ -41,7 +40,7 @@ class GgufModel:
     config: ModelConfig
     metadata: dict[str, Any]
     tensors: dict[str, Any]  # GGUF name -> gguf ReaderTensor
-    layout: str = LAYOUT
+    layout: str = layouts.GGUF
     side_files: list[Path] = field(default_factory=list)
     pieces: dict = field(default_factory=dict)
     config_file: Path | None = None

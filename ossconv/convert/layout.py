@@ -16,11 +16,10 @@ from ossconv.convert.execute import run
 from ossconv.convert.plan import plan
 from ossconv.convert.target import ConversionResult, Target, WriteOptions, precision_of
 from ossconv.errors import OssconvError
+from ossconv.formats import layouts
 from ossconv.formats.precision import Precision
 from ossconv.progress import Progress
 from ossconv.units import DEFAULT_MAX_SHARD_SIZE
-
-GGUF = "gguf"
 
 
 def convert(
@@ -45,7 +44,7 @@ def convert(
         >>> convert("gpt-oss-20b/original", "gpt-oss-20b-hf", to="hf")  # doctest: +SKIP
     """
     precision = None if dtype is None else precision_of(dtype)
-    if to == GGUF:
+    if to == layouts.GGUF:
         from ossconv.convert.to_gguf import convert_to_gguf
 
         if lora:

@@ -25,8 +25,6 @@ from ossconv.formats.layouts import OPENAI, ExpertWeight, TensorSpec
 from ossconv.formats.precision import Precision
 from ossconv.writer import dtypes_json
 
-GGUF_LAYOUT = "gguf"  # ossconv.gguf_file.LAYOUT (a GGUF file read as a model)
-
 
 @dataclass(frozen=True)
 class ByteRange:
@@ -94,7 +92,7 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
         more = f" (and {len(problems) - 1} more problems; see ossconv inspect)" if len(problems) > 1 else ""
         raise CheckpointError(problems[0].message + more, ckpt.path)
     split = target.experts is ExpertForm.SPLIT
-    if ckpt.layout == GGUF_LAYOUT:
+    if ckpt.layout == layouts.GGUF:
         if split:
             raise CheckpointError("convert the GGUF file first, then reshard", ckpt.path)
         return _plan_from_gguf(ckpt, target)

@@ -21,6 +21,7 @@ from ossconv.formats.precision import Precision
 OPENAI = "openai"
 HF = "hf"
 LAYOUTS = (OPENAI, HF)
+GGUF = "gguf"  # llama.cpp's single-file format: an output of convert, and read as a model (ossconv.gguf_file)
 # The two fused expert weights of a layer: OpenAI name, HF name (gate_up has interleaved gate/up rows).
 EXPERT_PROJECTIONS = (("mlp1", "gate_up_proj"), ("mlp2", "down_proj"))
 

@@ -55,21 +55,17 @@ def scaling(config: dict[str, Any], path: str) -> tuple[int, float]:
     return int(r), float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
-def linear_delta(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``s * B @ A`` for a linear layer: ``[out, in]`` in fp32."""
-    return scale * (b.float() @ a.float())
-
-
 def embedding_delta_rows(a: torch.Tensor, b: torch.Tensor, scale: float, start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` of an embedding's ``s * (B @ A).T`` without forming the whole [vocab, hidden]."""
     return scale * (a[:, start:stop].float().T @ b.float().T)
 
 
-def expert_delta(a: torch.Tensor, b: torch.Tensor, rank: int, experts: int, expert: int, scale: float) -> torch.Tensor:
-    """Expert ``expert``'s ``[out, in]`` delta from ParamWrapper's A [r * E, in] and B [out, r * E]."""
-    a3 = a.view(experts, rank, a.shape[-1])  # row e * r + k
-    b3 = b.view(b.shape[0], rank, experts)  # column k * E + e
-    return scale * (b3[:, :, expert].float() @ a3[expert].float())
+def expert_factors(a: torch.Tensor, b: torch.Tensor, rank: int, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ParamWrapper's A [r * E, in] and B [out, r * E] regrouped per expert in fp32: ``A[e]`` ``[r, in]`` and
+    ``B[e]`` ``[out, r]``, so that expert e's ``[out, in]`` delta is ``s * B[e] @ A[e]``."""
+    grouped_a = a.float().view(experts, rank, a.shape[-1]).contiguous()  # row e * r + k
+    grouped_b = b.float().view(b.shape[0], rank, experts).permute(2, 0, 1).contiguous()  # column k * E + e
+    return grouped_a, grouped_b
 
 
 def base_version(version: object) -> str | None:
