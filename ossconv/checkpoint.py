@@ -109,16 +109,21 @@ class Checkpoint:
                 pieces.append(self.get_rows(part, lo - first, hi - first))
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
 
-    def get_rows(self, name: str, start: int, stop: int | None = None) -> torch.Tensor:
-        """``tensor[start:stop]`` along the first axis (one expert of a fused expert tensor), read alone."""
+    def get_rows(self, name: str, start: int, stop: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``tensor[start:stop]`` along the first axis (one expert of a fused expert tensor), read alone, into
+        ``out`` (a uint8 buffer, see :func:`read_rows`) when given."""
         info = self.info(name)
         stop = start + 1 if stop is None else stop
-        if name in self.pieces:
-            parts = [self._piece(name, expert) for expert in range(start, stop)]
-            return torch.stack(
-                [read_rows(part, 0, part.shape[0]) if part.shape else read_rows(part, 0, 1) for part in parts]
-            )
-        return read_rows(info, start, stop)
+        if name not in self.pieces:
+            return read_rows(info, start, stop, out)
+        parts = [self._piece(name, expert) for expert in range(start, stop)]
+        if out is None:
+            return torch.stack([read_rows(part, 0, part.shape[0] if part.shape else 1) for part in parts])
+        position = 0
+        for part in parts:
+            read_rows(part, 0, part.shape[0] if part.shape else 1, out.view(-1)[position:])
+            position += part.nbytes
+        return out.view(-1)[:position].view(info.dtype).view(stop - start, *info.shape[1:])
 
     def get_expert(
         self, weight: layouts.ExpertWeight, expert: int, dtype: torch.dtype, out: torch.Tensor | None = None

@@ -18,9 +18,6 @@ from ossconv.gguf_file import GgufModel
 from ossconv.prefetch import prefetch
 from ossconv.problems import DTYPE, INF_BLOCKS, SHAPE, Problem
 
-MAX_FP4_CODE = 7  # magnitude index of 6.0
-SECOND_ENCODING_BELOW = 6  # a block whose largest magnitude index is below 6 (value 4.0) can be re-scaled
-
 
 @dataclass
 class Mxfp4Stats:
@@ -56,23 +53,38 @@ class InspectReport:
         return asdict(self)
 
 
-def mxfp4_stats(ckpt: Checkpoint, weight: layouts.ExpertWeight) -> Mxfp4Stats:
-    """Statistics of one MXFP4 weight, read one expert at a time (from a checkpoint or a GGUF file)."""
-    histogram = torch.zeros(256, dtype=torch.int64)
-    code_counts = torch.zeros(MAX_FP4_CODE + 1, dtype=torch.int64)
-    inf = 0
+READ_AHEAD = 2  # experts read ahead of the one being counted
+
+
+def read_ring(ckpt: Checkpoint) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Buffers for one expert's blocks and scales of any MXFP4 weight, reused for every expert read: an
+    expert goes into the slot of one the counting has finished with (READ_AHEAD queued, one being read, one
+    being counted)."""
+    sizes = [0, 0]
+    for weight in ckpt.expert_weights:
+        for i, name in enumerate((weight.blocks, weight.scales)):
+            info = ckpt.tensors.get(name)
+            if info is not None and info.shape:  # the bytes of one row, as read_rows reads them
+                sizes[i] = max(sizes[i], info.nbytes // max(1, info.shape[0]))
+    return [tuple(torch.empty(size, dtype=torch.uint8) for size in sizes) for _ in range(READ_AHEAD + 2)]
+
+
+def mxfp4_stats(
+    ckpt: Checkpoint | GgufModel, weight: layouts.ExpertWeight, ring: list[tuple[torch.Tensor, torch.Tensor]]
+) -> Mxfp4Stats:
+    """Statistics of one MXFP4 weight, read one expert at a time (the next ones read while this one is
+    counted), from a checkpoint (into ``ring``, see :func:`read_ring`) or a GGUF file."""
 
     def read(expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(ckpt, Checkpoint):
-            return ckpt.get_rows(weight.blocks, expert), ckpt.get_rows(weight.scales, expert)
+            blocks, scales = ring[expert % len(ring)]
+            return ckpt.get_rows(weight.blocks, expert, out=blocks), ckpt.get_rows(weight.scales, expert, out=scales)
         return ckpt.get_expert_packed(weight, expert)
 
-    for blocks, scales in prefetch(read(expert) for expert in range(weight.num_experts)):  # read the next
-        largest = mxfp4.max_code_magnitude(blocks).view(-1)
-        scales = scales.view(-1)
-        histogram += torch.bincount(scales, minlength=256)
-        code_counts += torch.bincount(largest, minlength=MAX_FP4_CODE + 1)
-        inf += int(mxfp4.inf_blocks(scales, largest).sum())
+    counts = mxfp4.BlockCounts.empty()
+    for blocks, scales in prefetch((read(expert) for expert in range(weight.num_experts)), depth=READ_AHEAD):
+        counts.add(mxfp4.count_blocks(blocks, scales))
+    histogram = counts.scale_histogram
     used = histogram.nonzero().view(-1)
     return Mxfp4Stats(
         blocks_tensor=weight.blocks,
@@ -81,9 +93,9 @@ def mxfp4_stats(ckpt: Checkpoint, weight: layouts.ExpertWeight) -> Mxfp4Stats:
         scale_min=int(used.min()) if used.numel() else 0,
         scale_max=int(used.max()) if used.numel() else 0,
         scale_histogram={int(s): int(histogram[s]) for s in used},
-        zero_blocks=int(code_counts[0]),
-        second_encoding_blocks=int(code_counts[1:SECOND_ENCODING_BELOW].sum()),
-        inf_blocks=inf,
+        zero_blocks=counts.zero,
+        second_encoding_blocks=counts.second_encoding,
+        inf_blocks=counts.inf,
     )
 
 
@@ -131,10 +143,11 @@ def inspect_checkpoint(path: str | Path, *, stats: bool = False) -> InspectRepor
     )
     if stats and ckpt.precision is Precision.MXFP4:
         unreadable = {p.subject for p in problems if p.code in (SHAPE, DTYPE)}
+        ring = read_ring(ckpt)
         for weight in ckpt.expert_weights:
             names = {weight.blocks, weight.scales}
             if names <= set(ckpt.tensors) and not names & unreadable:
-                found = mxfp4_stats(ckpt, weight)
+                found = mxfp4_stats(ckpt, weight, ring)
                 report.mxfp4.append(found)
                 if found.inf_blocks:
                     message = f"{weight.blocks}: {found.inf_blocks} block(s) decode to Inf"
@@ -171,7 +184,7 @@ def _inspect_gguf(model: GgufModel, stats: bool) -> InspectReport:
     )
     if stats and model.precision is Precision.MXFP4:
         for weight in model.expert_weights:
-            found = mxfp4_stats(model, weight)
+            found = mxfp4_stats(model, weight, [])
             found.blocks_tensor = found.scales_tensor = " + ".join(model.expert_names(weight))
             report.mxfp4.append(found)
             if found.inf_blocks:

@@ -184,3 +184,14 @@ def test_inspect_reads_headers_only_by_default_and_stats_on_request(run_cli, che
     full = _json.loads(run_cli("inspect", checkpoints["openai-mxfp4"], "--json", "--stats").out)
     assert quick["mxfp4"] == [] and len(full["mxfp4"]) == 4
     assert {k: v for k, v in quick.items() if k != "mxfp4"} == {k: v for k, v in full.items() if k != "mxfp4"}
+
+
+def test_inspect_stats_of_expert_parallel_ranks_equal_the_fused_source(run_cli, checkpoints, tmp_path):
+    """Experts stored one tensor each (read piece by piece into the reused buffers) count as the fused ones."""
+    import json as _json
+
+    ranks = tmp_path / "ep"
+    assert run_cli("reshard", checkpoints["hf-mxfp4"], ranks, "--ep-ranks", "2").code == 0
+    fused = _json.loads(run_cli("inspect", checkpoints["hf-mxfp4"], "--json", "--stats").out)["mxfp4"]
+    split = _json.loads(run_cli("inspect", ranks, "--json", "--stats").out)["mxfp4"]
+    assert split == fused and fused and all(s["blocks"] > 0 for s in fused)

@@ -293,3 +293,26 @@ def test_large_tensors_split_across_threads_give_the_same_bytes_and_errors(monke
     x[rows - 2, 7] = float("nan")
     with pytest.raises(mxfp4.NonFiniteError, match=rf"first at flat index {(rows - 2) * 32 + 7}\)"):
         mxfp4.encode(x)
+
+
+def test_block_counts_equal_counting_each_code(monkeypatch):
+    """The word-wide counts of inspect --stats equal counting every block's largest code (today's statistics),
+    across chunks and threads, with signed zeros, every largest magnitude and the scales that decode to Inf."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    g = torch.Generator().manual_seed(5)
+    rows = 2 * mxfp4._CHUNK_BLOCKS + 77
+    codes = torch.randint(0, 16, (rows, 32), generator=g, dtype=torch.uint8)
+    ceiling = torch.randint(0, 8, (rows, 1), generator=g, dtype=torch.uint8)  # largest magnitude of each block
+    codes = (codes & 0x08) | torch.minimum(codes & 0x07, ceiling)  # ceiling 0: +-0 only
+    blocks = codes[:, 0::2] | (codes[:, 1::2] << 4)
+    scales = torch.randint(0, 256, (rows,), generator=g, dtype=torch.uint8)
+    scales[::5] = 254
+    scales[1::7] = 255
+    counts = mxfp4.count_blocks(blocks.view(1, rows, 16), scales.view(1, rows))
+
+    largest = mxfp4.max_code_magnitude(blocks)
+    assert torch.equal(counts.scale_histogram, torch.bincount(scales.long(), minlength=256))
+    assert counts.zero == int((largest == 0).sum()) > 0
+    assert counts.second_encoding == int(((largest > 0) & (largest < 6)).sum()) > 0
+    assert counts.inf == int(mxfp4.inf_blocks(scales, largest).sum()) > 0
+    assert counts.zero + counts.second_encoding + int((largest >= 6).sum()) == rows
