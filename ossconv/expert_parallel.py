@@ -18,19 +18,21 @@ import re
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from ossconv.checkpoint import Checkpoint, open_checkpoint
-from ossconv.convert.execute import run
-from ossconv.convert.plan import plan
+from ossconv.convert.execute import execute, run
+from ossconv.convert.plan import Copy, Plan, plan
 from ossconv.convert.target import ConversionResult, ExpertForm, Target, WriteOptions
 from ossconv.errors import CheckpointError, OssconvError, OutputExistsError
 from ossconv.files import TensorInfo, inside_folder, read_json
+from ossconv.formats import layouts
 from ossconv.formats.config import LIMITS
 from ossconv.outputs import place, temporary
 from ossconv.progress import Progress
 from ossconv.units import DEFAULT_MAX_SHARD_SIZE, format_ranges
-from ossconv.writer import check_output_apart
+from ossconv.writer import CheckpointWriter, check_output_apart
 
 EP_MANIFEST_NAME = "ep_manifest.json"
 EP_FORMAT = "ossconv-expert-parallel-v1"
@@ -135,7 +137,7 @@ def write_ranks(ckpt: Checkpoint, out: Path, ranks: int, options: WriteOptions) 
     shutil.rmtree(temp, ignore_errors=True)
     entries, tensors, files = [], 0, 0
     hashes: dict[Path, Future[str]] = {}
-    rank_options = WriteOptions(max_shard_size=options.max_shard_size, progress=options.progress)
+    first_folder: Path | None = None
     try:
         temp.mkdir(parents=True)
         with ThreadPoolExecutor(HASH_WORKERS) as pool:
@@ -143,11 +145,16 @@ def write_ranks(ckpt: Checkpoint, out: Path, ranks: int, options: WriteOptions) 
                 folder = temp / rank_folder_name(rank, ranks)
                 experts = range(rank * per_rank, (rank + 1) * per_rank)
                 target = Target(ckpt.layout, ckpt.precision, experts=ExpertForm.SPLIT, expert_range=experts)
-                result = run(plan(ckpt, target), folder, rank_options, command="reshard")
-                tensors += result.tensors
-                files += result.files
+                rank_plan = plan(ckpt, target)
+                adopted = _write_rank(rank_plan, folder, first_folder, options)
+                first_folder = first_folder or folder
+                tensors += len(rank_plan.specs)
                 for path in sorted(p for p in folder.iterdir() if p.is_file()):
-                    hashes[path] = pool.submit(file_sha256, path)  # while the next rank is written
+                    files += path.suffix == ".safetensors"
+                    if path.name in adopted:  # the first rank's file, linked: hashed once, there
+                        hashes[path] = hashes[first_folder / path.name]
+                    else:
+                        hashes[path] = pool.submit(file_sha256, path)  # while the next rank is written
                 entries.append({"rank": rank, "folder": folder.name, "experts": [experts.start, experts.stop]})
             for entry in entries:
                 folder = temp / entry["folder"]
@@ -189,6 +196,27 @@ def write_ranks(ckpt: Checkpoint, out: Path, ranks: int, options: WriteOptions) 
     )
 
 
+def _write_rank(rank_plan: Plan, folder: Path, first: Path | None, options: WriteOptions) -> set[str]:
+    """One rank folder. Its non-expert tensors go into shards of their own, which are byte-identical in every
+    rank: the first rank writes them, later ranks hard-link the first rank's files (see
+    :meth:`CheckpointWriter.adopt`), so shared bytes are written and hashed once, not once per rank. Returns
+    the names of the files taken from ``first``."""
+    shared = frozenset(spec.name for spec in rank_plan.specs if not layouts.parse_split_name(spec.name))
+    with CheckpointWriter(
+        folder, rank_plan.specs, max_shard_size=options.max_shard_size, progress=options.progress, apart=shared
+    ) as writer:
+        adopted: set[str] = set()
+        for shard, filename in enumerate(writer.files):
+            names = writer.shard_names(shard)
+            if first is not None and names and set(names) <= shared and writer.adopt(shard, first / filename):
+                adopted.add(filename)
+        taken = {name for shard in writer.adopted for name in writer.shard_names(shard)}
+        steps = [step for step in rank_plan.steps if not (isinstance(step, Copy) and step.target in taken)]
+        execute(replace(rank_plan, steps=steps), writer)
+        writer.finish(rank_plan.json_files, rank_plan.source.side_files)
+    return adopted
+
+
 # ---------------------------------------------------------------------------------------------- checking, merging
 
 
@@ -210,8 +238,12 @@ def check_expert_parallel(folder: Path) -> None:
             if not path.is_file() or not inside_folder(rank_folder, path):
                 raise CheckpointError(f"the manifest lists {name}, which is missing", rank_folder)
             expected[path] = digest
+    # A file linked into several ranks (the shared tensors, see _write_rank) is one file: hashed once.
+    inodes = {path: (stat.st_dev, stat.st_ino) for path in expected for stat in [path.stat()]}
+    unique = {inode: path for path, inode in reversed(inodes.items())}
     with ThreadPoolExecutor(HASH_WORKERS) as pool:
-        actual = dict(zip(expected, pool.map(file_sha256, expected), strict=True))
+        digests = dict(zip(unique, pool.map(file_sha256, unique.values()), strict=True))
+    actual = {path: digests[inode] for path, inode in inodes.items()}
     for path, digest in expected.items():
         if actual[path] != digest:
             raise CheckpointError(
@@ -248,9 +280,12 @@ def check_expert_parallel(folder: Path) -> None:
 
 
 def _same_bytes(a: TensorInfo, b: TensorInfo) -> bool:
-    """Compare two stored tensors' bytes chunk by chunk (memory speed, unlike hashing both)."""
+    """Compare two stored tensors' bytes chunk by chunk (memory speed, unlike hashing both); the same place
+    in one file linked into two ranks needs no reading."""
     if (a.shape, a.dtype, a.nbytes) != (b.shape, b.dtype, b.nbytes):
         return False
+    if a.offset == b.offset and os.path.samefile(a.file, b.file):
+        return True
     with open(a.file, "rb") as fa, open(b.file, "rb") as fb:
         fa.seek(a.offset)
         fb.seek(b.offset)

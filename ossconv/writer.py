@@ -36,17 +36,22 @@ WRITE_CHUNK = 1 << 20
 DTYPES_JSON_TAGS = {".blocks": "FP4", ".scales": "UE8"}
 
 
-def _shard_plan(specs: list[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
-    """Consecutive runs of tensors of at most ``max_shard_size`` bytes (a bigger tensor gets its own shard)."""
-    shards: list[list[TensorSpec]] = [[]]
-    size = 0
-    for spec in specs:
-        if shards[-1] and size + spec.nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(spec)
-        size += spec.nbytes
-    return shards
+def _shard_plan(
+    specs: list[TensorSpec], max_shard_size: int, apart: frozenset[str] = frozenset()
+) -> list[list[TensorSpec]]:
+    """Consecutive runs of tensors of at most ``max_shard_size`` bytes (a bigger tensor gets its own shard).
+    Tensors named in ``apart`` come first, in shards of their own: such shards are byte-identical between
+    outputs that share those tensors (the non-expert tensors of expert-parallel ranks)."""
+    shards: list[list[TensorSpec]] = []
+    for group in ([s for s in specs if s.name in apart], [s for s in specs if s.name not in apart]):
+        size = 0
+        for index, spec in enumerate(group):
+            if index == 0 or size + spec.nbytes > max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append(spec)
+            size += spec.nbytes
+    return shards or [[]]
 
 
 def shard_file_names(count: int) -> list[str]:
@@ -101,6 +106,7 @@ class CheckpointWriter:
         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
         overwrite: bool = False,
         progress: Progress | None = None,
+        apart: frozenset[str] = frozenset(),
     ):
         self.out = Path(out)
         if self.out.exists() and not overwrite:
@@ -108,7 +114,7 @@ class CheckpointWriter:
         if self.out.exists() and not self.out.is_dir():
             raise OssconvError("exists and is not a folder", self.out)
         self.progress = progress or NoProgress()
-        plan = _shard_plan(specs, max_shard_size)
+        plan = _shard_plan(specs, max_shard_size, apart)
         self.files = shard_file_names(len(plan))
         self.slots: dict[str, _Slot] = {}
         self.headers: list[bytes] = []
@@ -120,6 +126,7 @@ class CheckpointWriter:
                     raise ValueError(f"tensor {spec.name} planned twice")
                 self.slots[spec.name] = _Slot(spec, shard, len(header) + offsets[spec.name])
         self.fds: dict[int, int] = {}
+        self.adopted: set[int] = set()  # shards taken whole from an existing file (see adopt)
         self.kernel_copy = hasattr(os, "copy_file_range")
         self.overwrite = overwrite
         try:  # last, so that nothing before can fail and leave it behind
@@ -142,6 +149,8 @@ class CheckpointWriter:
     def _fd(self, shard: int) -> int:
         if self.state is not WriterState.OPEN:
             raise RuntimeError(f"the writer is {self.state.value}")
+        if shard in self.adopted:  # its file may be another output's: never write through it
+            raise RuntimeError(f"shard {self.files[shard]} was adopted whole and takes no writes")
         if shard not in self.fds:
             path = self.temp / self.files[shard]
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -215,6 +224,47 @@ class CheckpointWriter:
             written = os.pwrite(dst, view, dst_pos)
             view, dst_pos = view[written:], dst_pos + written
         return len(data)
+
+    def shard_names(self, shard: int) -> list[str]:
+        return [name for name, slot in self.slots.items() if slot.shard == shard]
+
+    def adopt(self, shard: int, existing: Path) -> bool:
+        """Take ``existing``, a complete shard file written by another writer with the same header (the same
+        tensors), as this shard: hard-linked, so its bytes are neither written nor read again; copied in the
+        kernel where the file system refuses links. False, with nothing done, when the header or size differ.
+        The shard's tensors then count as written and take no writes."""
+        names = self.shard_names(shard)
+        size = len(self.headers[shard]) + sum(self.slots[name].spec.nbytes for name in names)
+        try:
+            with open(existing, "rb") as handle:
+                same = (
+                    os.fstat(handle.fileno()).st_size == size
+                    and handle.read(len(self.headers[shard])) == (self.headers[shard])
+                )
+        except OSError:
+            return False
+        if not same or shard in self.fds:
+            return False
+        target = self.temp / self.files[shard]
+        try:
+            os.link(existing, target)
+        except OSError:  # no hard links here (another file system, FAT, a link limit): copy it instead
+            fd, position = self._fd(shard), 0
+            try:
+                with open(existing, "rb") as handle:
+                    while position < size:
+                        left = min(size - position, COPY_CHUNK)
+                        count = self._copy_range(handle.fileno(), fd, left, position, position)
+                        if count == 0:
+                            raise OssconvError("ended while being copied", existing)
+                        position += count
+            except OSError as error:
+                raise OssconvError(f"cannot copy: {error.strerror or error}", existing) from None
+            os.close(self.fds.pop(shard))
+        self.adopted.add(shard)
+        for name in names:
+            self._account(self.slots[name], self.slots[name].spec.nbytes - self.slots[name].written)
+        return True
 
     def _account(self, slot: _Slot, nbytes: int) -> None:
         slot.written += nbytes

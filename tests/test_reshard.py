@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,10 +85,25 @@ def test_expert_parallel_then_merge_round_trip(checkpoints, tmp_path, name):
     assert [r["experts"] for r in manifest["ranks"]] == [[0, 2], [2, 4]]
     assert result.details["ep_ranks"] == 2
     source = open_checkpoint(checkpoints[name])
+    shared_files = []
     for entry in manifest["ranks"]:
         folder = tmp_path / "ep" / entry["folder"]
         assert entry["folder"] == f"rank-0000{entry['rank']}-of-00002"
-        names = header_names(folder / "model.safetensors")
+        files = {path.name: header_names(path) for path in sorted(folder.glob("*.safetensors"))}
+        names = [n for found in files.values() for n in found]
+        # A file holds shared tensors only (the same file, linked, in every rank) or this rank's experts only.
+        shared_files.append(
+            {
+                (folder / f).stat().st_ino
+                for f, found in files.items()
+                if not any(layouts.parse_split_name(n) for n in found)
+            }
+        )
+        assert all(
+            all(layouts.parse_split_name(n) for n in found)
+            for f, found in files.items()
+            if (folder / f).stat().st_ino not in shared_files[-1]
+        )
         experts = {layouts.parse_split_name(n)[1] for n in names if layouts.parse_split_name(n)}
         assert experts == set(range(*entry["experts"]))  # exactly its experts
         assert not any(layouts.is_expert_tensor(n) for n in names)  # and no fused expert tensor
@@ -96,6 +112,8 @@ def test_expert_parallel_then_merge_round_trip(checkpoints, tmp_path, name):
         rank = open_checkpoint(folder)  # a rank folder is a checkpoint of its own
         assert rank.layout == source.layout
         assert rank.missing_experts(next(iter(rank.pieces))) == [e for e in range(4) if e not in experts]
+    assert shared_files[0] == shared_files[1] and shared_files[0]
+    assert manifest["ranks"][0]["files"].keys() == manifest["ranks"][1]["files"].keys()
     merge(tmp_path / "ep", tmp_path / "merged")
     assert_byte_identical(checkpoints[name], tmp_path / "merged")
 
@@ -172,29 +190,47 @@ def test_manifest_that_does_not_match_the_files(run_cli, ep, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def rank_file(folder: Path, *, experts: bool) -> Path:
+    """The rank's file of its own experts, or of the tensors every rank shares."""
+    for path in sorted(folder.glob("*.safetensors")):
+        if any(layouts.parse_split_name(n) for n in header_names(path)) == experts:
+            return path
+    raise AssertionError(f"no such file in {folder}")
+
+
 def test_tampered_rank_file(run_cli, ep, tmp_path):
-    file = ep / "rank-00001-of-00002" / "model.safetensors"
+    file = rank_file(ep / "rank-00001-of-00002", experts=True)
     data = bytearray(file.read_bytes())
     data[-5] ^= 0xFF  # a flipped byte in the last tensor's data: safetensors itself cannot notice
     file.write_bytes(bytes(data))
-    one_error(run_cli("reshard", "--merge", ep, tmp_path / "out"), "model.safetensors: sha256 mismatch")
+    one_error(run_cli("reshard", "--merge", ep, tmp_path / "out"), f"{file.name}: sha256 mismatch")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tampered_shared_file_is_caught_in_every_rank_it_is_linked_into(run_cli, ep, tmp_path):
+    file = rank_file(ep / "rank-00001-of-00002", experts=False)
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0x01
+    file.write_bytes(bytes(data))  # in place: the first rank's link to the same file changes with it
+    one_error(run_cli("reshard", "--merge", ep, tmp_path / "out"), f"{file.name}: sha256 mismatch")
     assert not (tmp_path / "out").exists()
 
 
 def test_ranks_that_disagree_on_a_shared_tensor(run_cli, ep, tmp_path):
     from ossconv.expert_parallel import file_sha256
 
-    file = ep / "rank-00001-of-00002" / "model.safetensors"
+    file = rank_file(ep / "rank-00001-of-00002", experts=False)
     ckpt = open_checkpoint(ep / "rank-00001-of-00002")
     info = ckpt.info("norm.scale")
     data = bytearray(file.read_bytes())
     data[info.offset] ^= 0x01
+    file.unlink()  # a file of its own (as after copying the ranks to other machines), then changed
     file.write_bytes(bytes(data))
     manifest = json.loads((ep / "ep_manifest.json").read_text())
-    manifest["ranks"][1]["files"]["model.safetensors"] = file_sha256(file)  # a consistent but wrong manifest
+    manifest["ranks"][1]["files"][file.name] = file_sha256(file)  # a consistent but wrong manifest
     (ep / "ep_manifest.json").write_text(json.dumps(manifest))
     one_error(
         run_cli("reshard", "--merge", ep, tmp_path / "out"),
         "disagree on tensor norm.scale",
-        "rank-00000-of-00002/model.safetensors",
+        f"rank-00000-of-00002/{file.name}",
     )
