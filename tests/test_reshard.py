@@ -234,3 +234,31 @@ def test_ranks_that_disagree_on_a_shared_tensor(run_cli, ep, tmp_path):
         "disagree on tensor norm.scale",
         f"rank-00000-of-00002/{file.name}",
     )
+
+
+def test_manifest_digests_equal_hashlib_over_every_file(checkpoints, tmp_path):
+    """Digests computed once per linked file and reused for every rank equal hashing each rank's file."""
+    import hashlib
+
+    reshard(checkpoints["hf-mxfp4"], tmp_path / "ep", ep_ranks=4)
+    manifest = json.loads((tmp_path / "ep" / "ep_manifest.json").read_text())
+    for entry in manifest["ranks"]:
+        folder = tmp_path / "ep" / entry["folder"]
+        on_disk = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+        assert entry["files"] == on_disk
+
+
+def test_ranks_are_copied_where_hard_links_are_refused(checkpoints, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", refuse)
+    reshard(checkpoints["openai-mxfp4"], tmp_path / "ep", ep_ranks=2)
+    first, second = (rank_file(tmp_path / "ep" / f"rank-0000{r}-of-00002", experts=False) for r in (0, 1))
+    assert first.name == second.name and first.stat().st_ino != second.stat().st_ino
+    assert first.read_bytes() == second.read_bytes()
+    merge(tmp_path / "ep", tmp_path / "merged")
+    assert_byte_identical(checkpoints["openai-mxfp4"], tmp_path / "merged")
