@@ -125,6 +125,14 @@ class Checkpoint:
             position += part.nbytes
         return out.view(-1)[:position].view(info.dtype).view(stop - start, *info.shape[1:])
 
+    def layer_tensors(self, layer: int) -> list[TensorInfo]:
+        """Every stored tensor of one layer (each expert's, for experts stored one tensor each)."""
+        found = []
+        for name, info in self.tensors.items():
+            if layouts.layer_of(name) == layer:
+                found += self.pieces[name].values() if name in self.pieces else [info]
+        return found
+
     def get_expert(
         self, weight: layouts.ExpertWeight, expert: int, dtype: torch.dtype, out: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -133,19 +133,25 @@ def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+M_TRIM_THRESHOLD = -1  # glibc mallopt parameters
+M_MMAP_THRESHOLD = -3
 LARGE_ALLOCATION = 4 << 20
+KEPT_HEAP = 2 * LARGE_ALLOCATION
 
 
 def _bound_the_heap() -> None:
     """Expert slices are tens of MB, allocated and freed thousands of times (on two threads). glibc raises its
     mmap threshold after such frees and then serves them from the heap, which it keeps: peak RSS grew with the
     number of layers converted (0.47 GB for 1 layer, 0.89 GB for 4). A fixed threshold gives large blocks back
-    to the system when freed, so RSS stays flat."""
+    to the system when freed, so RSS stays flat. A fixed threshold also pins glibc's trim threshold at 128 KB,
+    which hands the heap back after every few-MB temporary only to fault it in again (1.8 million page faults
+    in a 2-layer verify, 5.4 s; with 8 MB kept, 0.5 million and 4.0 s, RSS the same)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, LARGE_ALLOCATION)
+        libc.mallopt(M_TRIM_THRESHOLD, KEPT_HEAP)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
 

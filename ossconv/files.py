@@ -131,6 +131,25 @@ def read_rows(info: TensorInfo, start: int, stop: int, out: torch.Tensor | None 
     return tensor.view(stop - start, *info.shape[1:]) if info.shape else tensor.view(())
 
 
+def will_need(infos: list[TensorInfo]) -> None:
+    """Ask the kernel to start reading these tensors' bytes into the page cache, and return at once (no
+    memory of ours holds them): a reader that hints its next layer while computing this one finds it read.
+    A hint that cannot be given is skipped; reading will still work, only slower."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for info in infos:
+        try:
+            fd = os.open(info.file, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
 def inside_folder(folder: Path, candidate: Path) -> bool:
     """Whether ``candidate`` exists and, symlinks resolved, lies inside ``folder``."""
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -55,6 +56,27 @@ def test_same_values_in_other_layouts_and_precisions_verify_exactly(wider, tmp_p
         report = verify(wider["openai"], target, TOKENS, exact=True)
         assert report.same and report.first_divergent_layer is None
         assert all(s.identical for s in report.states) and report.logits.identical
+
+
+# Expert weights of several PRODUCT_ROWS chunks (mlp1: 640 rows, not a multiple of 256), split over threads.
+MANY_ROWS = dataclasses.replace(WIDER, num_hidden_layers=2, num_experts=4, experts_per_token=2, intermediate_size=320)
+
+
+def test_expert_products_in_chunks_on_two_threads_match_transformers_and_verify_exactly(tmp_path, monkeypatch):
+    from transformers import GptOssForCausalLM
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # split over threads even on a 1-core runner
+    assert 2 * MANY_ROWS.intermediate_size > 2 * model.PRODUCT_ROWS
+    source = synthetic.build(tmp_path / "openai", MANY_ROWS, seed=6)
+    convert(source, tmp_path / "bf16", to="hf", dtype="bf16")
+    report = verify(source, tmp_path / "bf16", TOKENS, exact=True)  # MXFP4 decoded vs bf16 upcast: same bits
+    assert report.same and all(s.identical for s in report.states)
+    reference = GptOssForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        theirs = reference(torch.tensor([TOKENS])).logits[0]
+    ours = model.forward(open_checkpoint(source), torch.tensor(TOKENS))
+    assert (ours - theirs).abs().max().item() < 1e-3
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
 def test_tolerance_passes_equal_values_and_fails_changed_weights(wider, tmp_path):

@@ -38,14 +38,13 @@ tests check that both paths agree bit for bit.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
 
 from ossconv.formats.precision import FLOAT_DTYPES  # the dtypes decode writes and encode reads
+from ossconv.parallel import in_parallel
 
 BLOCK_SIZE = 32  # elements per scale
 BYTES_PER_BLOCK = 16  # two FP4 codes per byte
@@ -88,31 +87,6 @@ def fp4_code(value: Fraction) -> int:
         if d < d_best or (d == d_best and code % 2 == 0):
             best = code
     return best
-
-
-# ---------------------------------------------------------------------------------------------- threads
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _in_parallel(work: Callable[[int, int], None], blocks: int) -> None:
-    """Run ``work(first, last)`` over contiguous ranges of ``blocks``, one per torch thread.
-
-    torch's own intra-op threads barely help the gathers here (1 thread 0.43 s, 2 threads 0.38 s for 2/3 of
-    a 20b layer); two ranges on two Python threads (torch releases the GIL) take 0.26 s. The first error by
-    position is raised.
-    """
-    global _POOL
-    workers = max(1, torch.get_num_threads())
-    if workers == 1 or blocks < 2 * _CHUNK_BLOCKS:
-        work(0, blocks)
-        return
-    if _POOL is None or _POOL._max_workers != workers:
-        _POOL = ThreadPoolExecutor(workers, thread_name_prefix="ossconv-mxfp4")
-    bounds = [blocks * i // workers for i in range(workers + 1)]
-    futures = [_POOL.submit(work, bounds[i], bounds[i + 1]) for i in range(workers)]
-    for future in futures:  # in order: the first failing range's error wins
-        future.result()
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -181,7 +155,7 @@ def decode(
             torch.add(flat_blocks[start:stop], (flat_scales[start:stop].to(torch.int32) << 8).unsqueeze(-1), out=rows)
             torch.index_select(table, 0, rows.view(-1), out=flat_out[start * BYTES_PER_BLOCK : stop * BYTES_PER_BLOCK])
 
-    _in_parallel(decode_range, flat_scales.numel())
+    in_parallel(decode_range, flat_scales.numel(), _CHUNK_BLOCKS)
     return out
 
 
@@ -336,7 +310,7 @@ def encode(
             except NonFiniteError as error:
                 raise NonFiniteError(error.count, start * BLOCK_SIZE + error.first_index) from None
 
-    _in_parallel(encode_range, flat_x.shape[0])
+    in_parallel(encode_range, flat_x.shape[0], _CHUNK_BLOCKS)
     return blocks_out, scales_out
 
 
@@ -420,7 +394,7 @@ def count_blocks(blocks: torch.Tensor, scales: torch.Tensor) -> BlockCounts:
             large_count += int(torch.count_nonzero(large))
         parts.append((histogram, zero, large_count))  # atomic under the GIL; a sum does not mind the order
 
-    _in_parallel(count_range, words.shape[0])
+    in_parallel(count_range, words.shape[0], _COUNT_CHUNK_BLOCKS)
     for histogram, zero, large in parts:
         total.scale_histogram += histogram
         total.zero += zero

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 from ossconv.adapters import load_adapters
 from ossconv.checkpoint import Checkpoint, open_checkpoint
 from ossconv.errors import OssconvError
+from ossconv.files import will_need
 from ossconv.progress import NoProgress, Progress
 from ossconv.verify import model
 from ossconv.verify.compare import LogitMetrics, StateMetrics, logit_metrics, state_metrics
@@ -319,10 +321,21 @@ def _run_case(
 
     x_a, x_b = model.embed(weights_a, ids), model.embed(weights_b, ids)
     record("embedding", "embedding", x_a, x_b)
-    for layer in range(weights_a.config.num_hidden_layers):
-        x_a = model.block(x_a, weights_a, layer, rotary, cache_a)
-        x_b = model.block(x_b, weights_b, layer, rotary, cache_b)
-        record(f"layer {layer}", layer, x_a, x_b)
+    layers = weights_a.config.num_hidden_layers
+    with ThreadPoolExecutor(1, thread_name_prefix="ossconv-read-ahead") as hints:
+
+        def read_ahead(layer: int) -> None:  # the kernel reads a layer of both sides while we compute
+            if layer < layers:
+                for weights in (weights_a, weights_b):
+                    if isinstance(weights.ckpt, Checkpoint):  # (a GGUF file is read as it comes)
+                        hints.submit(will_need, weights.ckpt.layer_tensors(layer))
+
+        read_ahead(0)
+        for layer in range(layers):
+            read_ahead(layer + 1)
+            x_a = model.block(x_a, weights_a, layer, rotary, cache_a)
+            x_b = model.block(x_b, weights_b, layer, rotary, cache_b)
+            record(f"layer {layer}", layer, x_a, x_b)
     logits_a, logits_b = model.unembed(x_a, weights_a), model.unembed(x_b, weights_b)
     found.logits = logit_metrics(logits_a, logits_b)
     if not tolerance.within(found.logits) or (not tolerance.exact and found.logits.kl_max > tolerance.kl_max):
