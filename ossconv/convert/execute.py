@@ -82,10 +82,38 @@ def run(
     )
 
 
+READ_AHEAD = 2  # slices made ahead of the one being consumed
+
+
+def ring_prefetch(make: Callable[[int, torch.Tensor], torch.Tensor], count: int, buffer: Callable[[], torch.Tensor]):
+    """``make(i, buffer)`` for i in ``range(count)`` on a worker thread, READ_AHEAD ahead, into a ring of
+    reused buffers: item ``i`` is made in the slot of an item the consumer has finished with (READ_AHEAD
+    queued, one being made, one being consumed), so no slice is allocated (and page-faulted) afresh."""
+    ring = [buffer() for _ in range(READ_AHEAD + 2)]
+    return prefetch((make(i, ring[i % len(ring)]) for i in range(count)), depth=READ_AHEAD)
+
+
 def expert_slices(ckpt: Checkpoint, weight: ExpertWeight, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """Each expert's weight as ``[out, in]`` of ``dtype`` (MXFP4 decoded, HF floats un-transposed), read and
-    decoded one expert ahead on a second thread while the current one is written (a fresh tensor each)."""
-    return prefetch(ckpt.get_expert(weight, expert, dtype) for expert in range(weight.num_experts))
+    decoded ahead on a second thread while the current one is written. A slice is valid until the next one
+    is taken."""
+    shape = (weight.out_features, weight.in_features)
+    return ring_prefetch(
+        lambda expert, out: ckpt.get_expert(weight, expert, dtype, out=out),
+        weight.num_experts,
+        lambda: torch.empty(shape, dtype=dtype),
+    )
+
+
+def _stored_slices(weight: ExpertWeight, dtype: torch.dtype, slices: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """Each ``[out, in]`` slice as ``weight`` stores it in ``dtype`` (HF's ``[in, out]`` transposed), made on
+    a thread of its own: the transpose, the decode before it and the writing after it overlap."""
+    shape = weight.float_spec(Precision.of_dtype(dtype)).shape[1:]
+    return ring_prefetch(
+        lambda _, out: out.copy_(weight.to_stored(next(slices))),
+        weight.num_experts,
+        lambda: torch.empty(shape, dtype=dtype),
+    )
 
 
 def write_expert_weight(
@@ -115,13 +143,8 @@ def write_expert_weight(
             writer.write(weight.scales, scales, expert * scales.numel())
         return
     dtype = precision.torch_dtype
-    stored = torch.empty(weight.float_spec(precision).shape[1:], dtype=dtype)
-    per_expert = stored.numel() * stored.element_size()
-    for expert, matrix in enumerate(slices):
-        if weight.transposed or matrix.dtype != dtype:
-            data = stored.copy_(weight.to_stored(matrix))  # HF's [in, out]: the one unavoidable pass
-        else:
-            data = matrix
+    per_expert = weight.out_features * weight.in_features * dtype.itemsize
+    for expert, data in enumerate(_stored_slices(weight, dtype, iter(slices))):
         writer.write(weight.float_name, data, expert * per_expert)
 
 
