@@ -40,7 +40,22 @@ def run_child(args: list[str], capture: bool = False) -> tuple[float, int, bytes
 
 
 def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    """Bytes of the files in ``folder``, a file hard-linked in several places counted once."""
+    sizes = {(s.st_dev, s.st_ino): s.st_size for p in folder.rglob("*") if p.is_file() for s in [p.stat()]}
+    return sum(sizes.values())
+
+
+def evict(*folders: Path) -> None:
+    """Drop these files from the page cache (after sync), so the next read of them comes from the disk."""
+    os.sync()
+    for folder in folders:
+        for path in [folder] if folder.is_file() else folder.rglob("*"):
+            if path.is_file():
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
 
 
 def median_runs(commands: dict[str, list[str]], repeat: int, cleanup: list[Path]) -> dict[str, tuple[float, int]]:

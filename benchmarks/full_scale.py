@@ -1,20 +1,25 @@
 """Every command on a full-size synthetic gpt-oss checkpoint, against the disk measured in the same run.
 
-    python benchmarks/full_scale.py [--model 20b|120b] [--layers N] [--workdir /tmp/ossconv-full] [--keep]
+    python benchmarks/full_scale.py [--model 20b|120b] [--layers N] [--ep-ranks 4] [--workdir /tmp/ossconv-full]
+                                    [--keep]
 
 Builds the model by streaming (the generator the tests use, the real config: 24 layers x 32 experts for 20b,
 36 x 128 for 120b, vocabulary 201088, real names, dtypes and file naming; ``--layers N`` for fewer layers of
 that shape), then runs each command in a child process and prints one table: seconds, GB/s, the child's own
 peak RSS (wait4), and two ratios from the same run: against ``cp -r`` of the source, and against the disk's
-own rate for what bounds the step (reading: ``cat > /dev/null`` of the input; writing: ``dd`` of as many bytes
-as the step writes). It checks what it can (merge byte-identical to the source by sha256, verify exit 0),
-checks free disk first and says what it skips, and cleans up. ratio > 1 is faster than the anchor.
+own rate for what bounds the step (reading: ``cat > /dev/null`` of as many bytes as the step reads; writing:
+``dd`` of as many bytes as the step writes). Everything is measured from the disk: the step's inputs are
+dropped from the page cache first (posix_fadvise), and writes count until synced, the anchors' alike. It
+checks what it can (merge and the bf16 -> MXFP4 round trip byte-identical to the source tensors, verify exit
+0), checks free disk first and says what it skips (the bf16 round trip of the full 20b needs about 65 GB),
+and cleans up. ratio > 1 is faster than the anchor.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import resource
 import shutil
 import subprocess
@@ -22,7 +27,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import folder_bytes, run_child
+from common import evict, folder_bytes, run_child
 
 from ossconv import synthetic
 
@@ -75,6 +80,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="fewer layers of the model's shape")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/ossconv-full"))
     parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--ep-ranks", type=int, default=4)
     parser.add_argument("--keep", action="store_true", help="keep the synthetic source for another run")
     args = parser.parse_args()
     shape = dict(MODELS[args.model])
@@ -87,74 +93,106 @@ def main() -> None:
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     source = work / "source" / "original"
-    if not (source / "config.json").is_file():
+    built = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
+    if (built.get("num_hidden_layers"), built.get("num_experts")) != (config.num_hidden_layers, config.num_experts):
         print(f"building a synthetic gpt-oss-{args.model} ({shape['num_hidden_layers']} layers) in {source} ...")
         shutil.rmtree(source, ignore_errors=True)
         # In a child: the generator holds a whole embedding in fp32, and a child's peak RSS counts its parent's.
         build = f"from ossconv import synthetic; synthetic.build({str(source)!r}, synthetic.{config!r})"
         subprocess.run([sys.executable, "-c", build], check=True)
     size = folder_bytes(source)
-    free = shutil.disk_usage(work).free
+    free = shutil.disk_usage(work).free + sum(
+        folder_bytes(p) if p.is_dir() else p.stat().st_size for p in OUTPUTS(work) if p.exists()
+    )
     print(f"source {size / 1e9:.2f} GB, {free / 1e9:.1f} GB free")
     ossconv = [sys.executable, "-m", "ossconv"]
-    src, tokens = str(source), str(args.tokens)
-    steps = [  # name, command arguments, output, what bounds the step (the disk's read or write)
-        ("inspect (headers)", ["inspect", src, "--json"], None, "read"),
-        ("inspect --stats", ["inspect", src, "--stats", "--json"], None, "read"),
-        ("convert --to hf", ["convert", src, str(work / "hf"), "--to", "hf"], work / "hf", "write"),
-        ("reshard --ep-ranks 4", ["reshard", src, str(work / "ep"), "--ep-ranks", "4"], work / "ep", "write"),
-        ("reshard --merge", ["reshard", "--merge", str(work / "ep"), str(work / "merged")], work / "merged", "write"),
-        ("convert --to gguf", ["convert", src, str(work / "m.gguf"), "--to", "gguf"], work / "m.gguf", "write"),
-        ("verify A vs HF", ["verify", src, str(work / "hf"), "--num-tokens", tokens], None, "read"),
-    ]
+    src, tokens, layers = str(source), str(args.tokens), shape["num_hidden_layers"]
+    hf, bf16 = work / "hf", work / "bf16"
+    steps = [  # name, command arguments, output, what bounds the step (the disk's read or write), inputs
+        ("inspect (headers)", ["inspect", src, "--json"], None, "read", [source]),
+        ("inspect --stats", ["inspect", src, "--stats", "--json"], None, "read", [source]),
+        ("convert --to hf", ["convert", src, str(hf), "--to", "hf"], hf, "write", [source]),
+        ("verify A vs HF", ["verify", src, str(hf), "--num-tokens", tokens], None, "read", [source, hf]),
+        ("reshard --ep-ranks N", ["reshard", src, str(work / "ep"), "--ep-ranks", str(args.ep_ranks)],
+         work / "ep", "write", [source]),
+        ("reshard --merge", ["reshard", "--merge", str(work / "ep"), str(work / "merged")], work / "merged", "write",
+         [work / "ep"]),
+        ("convert --to gguf", ["convert", src, str(work / "m.gguf"), "--to", "gguf"], work / "m.gguf", "write",
+         [source]),
+    ]  # fmt: skip
     bf16_size = size * 3.7  # MXFP4 experts (4.25 bits) to bf16 (16 bits); the rest unchanged
-    if free > bf16_size + 3 * size:
-        bf16 = ["convert", src, str(work / "bf16"), "--to", "hf", "--dtype", "bf16"]
-        steps.append(("convert --to hf --dtype bf16", bf16, work / "bf16", "write"))
+    if free > bf16_size + 2 * size:  # the source, the bf16 copy, its MXFP4 round trip; the cp anchor before
+        steps += [
+            ("convert --to hf --dtype bf16", ["convert", src, str(bf16), "--to", "hf", "--dtype", "bf16"], bf16,
+             "write", [source]),
+            ("convert bf16 --dtype mxfp4", ["convert", str(bf16), str(work / "back"), "--to", "openai", "--dtype",
+             "mxfp4"], work / "back", "read", [bf16]),
+        ]  # fmt: skip
     else:
-        print(f"skipping convert --dtype bf16: it writes about {bf16_size / 1e9:.0f} GB")
-    for path in (work / "hf", work / "ep", work / "merged", work / "m.gguf", work / "bf16", work / "cp"):
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        print(f"skipping the bf16 round trip: it needs about {(bf16_size + size) / 1e9:.0f} GB beside the source")
+    done_with = {  # what each step leaves for a later one, removed after that
+        "convert --to hf": [],
+        "verify A vs HF": [hf],
+        "reshard --ep-ranks N": [],
+        "reshard --merge": [work / "ep", work / "merged"],
+        "convert --to hf --dtype bf16": [],
+        "convert bf16 --dtype mxfp4": [bf16, work / "back"],
+    }
+    for path in OUTPUTS(work):
+        remove(path)
     if free < 3 * size:
         raise SystemExit(f"need about {3 * size / 1e9:.0f} GB free beside {work} (source, one output, the cp anchor)")
+    evict(source)
     cp_seconds, _, _ = run_child(["cp", "-r", str(source), str(work / "cp")])
-    shutil.rmtree(work / "cp")
+    remove(work / "cp")
+    evict(source)
     read_seconds, _, _ = run_child(["sh", "-c", f"cat {source}/*.safetensors > /dev/null"])
     parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"(this process: {parent / 2**30:.2f} GiB; Linux reports a child's peak RSS as at least that)")
-    print(f"anchors: cp -r {cp_seconds:.1f} s ({size / cp_seconds / 1e9:.2f} GB/s), read {read_seconds:.1f} s")
+    print(
+        f"anchors, from the disk (every input is dropped from the page cache before each step; writes count "
+        f"until synced): cp -r {cp_seconds:.1f} s ({size / cp_seconds / 1e9:.2f} GB/s), "
+        f"cat {read_seconds:.1f} s ({size / read_seconds / 1e9:.2f} GB/s)"
+    )
     print(f"{'step':<30} {'seconds':>8} {'GB/s':>6} {'peak RSS':>9} {'vs cp':>6} {'vs disk':>8}  check")
-    for name, command, output, bound in steps:
+    for name, command, output, bound, inputs in steps:
+        evict(*inputs)
         seconds, rss, _ = run_child([*ossconv, *command, "--quiet"])
-        moved = (
-            size
-            if output is None or not output.exists()
-            else (folder_bytes(output) if output.is_dir() else output.stat().st_size)
-        )
-        disk = read_seconds if bound == "read" else disk_write_seconds(work, moved)
+        if bound == "read":
+            moved = sum(folder_bytes(p) for p in inputs)
+            disk = read_seconds * moved / size
+        else:
+            moved = folder_bytes(output) if output.is_dir() else output.stat().st_size
+            disk = disk_write_seconds(work, moved)
         check = ""
         if name == "reshard --merge":
             check = "tensors identical" if tensor_digests(work / "merged") == tensor_digests(source) else "DIFFERENT"
+        if name == "convert bf16 --dtype mxfp4":
+            check = "tensors identical" if tensor_digests(work / "back") == tensor_digests(source) else "DIFFERENT"
         if name.startswith("verify"):
-            check = "exit 0"
+            check = f"exit 0, {seconds / layers:.2f} s/layer"
         print(
             f"{name:<30} {seconds:8.1f} {moved / seconds / 1e9:6.2f} {rss / 2**30:7.2f}Gi "
             f"{cp_seconds / seconds:6.2f} {disk / seconds:8.2f}  {check}"
         )
-        if output is not None and name not in ("convert --to hf", "reshard --ep-ranks 4"):
-            if output.is_dir():
-                shutil.rmtree(output, ignore_errors=True)
-            else:
-                output.unlink(missing_ok=True)
-        if name == "reshard --merge":
-            shutil.rmtree(work / "ep", ignore_errors=True)
-    shutil.rmtree(work / "hf", ignore_errors=True)
+        for path in done_with.get(name, [output] if output is not None else []):
+            remove(path)
+    for path in OUTPUTS(work):
+        remove(path)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     subprocess.run(["sync"], check=False)
+
+
+def OUTPUTS(work: Path) -> list[Path]:  # noqa: N802 - a constant list that depends on the folder
+    return [work / n for n in ("hf", "ep", "merged", "m.gguf", "bf16", "back", "cp")]
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
