@@ -125,6 +125,19 @@ class Checkpoint:
             position += part.nbytes
         return out.view(-1)[:position].view(info.dtype).view(stop - start, *info.shape[1:])
 
+    def stored(self, source: str | layouts.ExpertWeight) -> list[tuple[Path, int, int]]:
+        """The byte ranges (file, offset, size) that hold a canonical dense tensor or an expert weight, for
+        read-ahead hints (see :class:`ossconv.files.ReadAhead`)."""
+        if isinstance(source, layouts.ExpertWeight):
+            names = [source.blocks, source.scales] if source.blocks in self.tensors else [source.float_name]
+        else:
+            names = [part for part, _, _ in layouts.layout_parts(self.layout, source, self.config)]
+        infos = []
+        for name in names:
+            if name in self.tensors:
+                infos += self.pieces[name].values() if name in self.pieces else [self.tensors[name]]
+        return [(info.file, info.offset, info.nbytes) for info in infos]
+
     def layer_tensors(self, layer: int) -> list[TensorInfo]:
         """Every stored tensor of one layer (each expert's, for experts stored one tensor each)."""
         found = []

@@ -244,3 +244,23 @@ def test_writer_left_without_finish_removes_its_temporary_folder(tmp_path):
     assert not temp.exists() and not (tmp_path / "out").exists()
     with pytest.raises(RuntimeError, match="aborted"):
         writer.write("x", torch.ones(4))
+
+
+def test_read_ahead_hints_the_items_that_fit_the_window_in_order(monkeypatch):
+    from pathlib import Path
+
+    from ossconv import files
+
+    hinted: list[int] = []
+    monkeypatch.setattr(files, "will_need", lambda ranges: hinted.append(ranges[0][2]))
+    sizes = [4, 3, 5, 1, 20, 2]  # one range per item, its size naming it
+    with files.ReadAhead([[(Path("f"), 0, n)] for n in sizes], window=8) as read_ahead:
+        read_ahead.reached(0)
+        read_ahead.worker.shutdown(wait=True)  # the hints run on a worker thread
+    assert hinted == [4, 3]  # 4 + 3 fit in 8 bytes from item 0; 4 + 3 + 5 do not
+    hinted.clear()
+    with files.ReadAhead([[(Path("f"), 0, n)] for n in sizes], window=8) as read_ahead:
+        for index in range(len(sizes)):
+            read_ahead.reached(index)
+        read_ahead.worker.shutdown(wait=True)
+    assert hinted == sizes  # each once, in order, the big item too when it is reached

@@ -13,9 +13,10 @@ import torch
 
 from ossconv.adapters import expert_delta_norm, merge_expert, merge_rows, release_expert
 from ossconv.checkpoint import Checkpoint
-from ossconv.convert.plan import Copy, Merge, Plan, Reencode, Repack
+from ossconv.convert.plan import Copy, Merge, Plan, Reencode, Repack, Step
 from ossconv.convert.target import ConversionResult, WriteOptions
 from ossconv.errors import CheckpointError
+from ossconv.files import ReadAhead
 from ossconv.formats import mxfp4
 from ossconv.formats.layouts import ExpertWeight
 from ossconv.formats.precision import Precision
@@ -29,23 +30,34 @@ def execute(plan: Plan, writer: CheckpointWriter) -> list[dict[str, object]]:
     """Write every planned tensor into ``writer`` (which was opened with ``plan.specs``); returns what merging
     adapters did to each tensor it touched (empty without adapters)."""
     merged: list[dict[str, object]] = []
-    for step in plan.steps:
-        if isinstance(step, Copy):
-            offset = 0
-            for piece in step.sources:
-                writer.copy(step.target, piece.tensor, start=piece.start, nbytes=piece.nbytes, offset=offset)
-                offset += piece.nbytes
-        elif isinstance(step, Merge):
-            report = _merge_dense(plan, step, writer)
-            if plan.target.adapters:
-                merged.append(report)
-        elif isinstance(step, Repack):
-            _repack(plan, step, writer)
-        else:
-            report = _reencode(plan, step, writer)
-            if report:
-                merged.append(report)
+    with ReadAhead([_step_ranges(plan.source, step) for step in plan.steps]) as read_ahead:
+        for index, step in enumerate(plan.steps):
+            read_ahead.reached(index)
+            if isinstance(step, Copy):
+                offset = 0
+                for piece in step.sources:
+                    writer.copy(step.target, piece.tensor, start=piece.start, nbytes=piece.nbytes, offset=offset)
+                    offset += piece.nbytes
+            elif isinstance(step, Merge):
+                report = _merge_dense(plan, step, writer)
+                if plan.target.adapters:
+                    merged.append(report)
+            elif isinstance(step, Repack):
+                _repack(plan, step, writer)
+            else:
+                report = _reencode(plan, step, writer)
+                if report:
+                    merged.append(report)
     return merged
+
+
+def _step_ranges(ckpt: Checkpoint, step: Step) -> list[tuple[Path, int, int]]:
+    """The source bytes a step reads."""
+    if isinstance(step, Copy):
+        return [(p.tensor.file, p.tensor.offset + p.start, p.nbytes) for p in step.sources]
+    if not isinstance(ckpt, Checkpoint):  # a GGUF file is read as it comes
+        return []
+    return ckpt.stored(step.canonical if isinstance(step, Merge) else step.source)
 
 
 def run(
