@@ -20,6 +20,7 @@ import torch
 from ossconv.checkpoint import Checkpoint, open_folder_checkpoint
 from ossconv.convert.target import ConversionResult, precision_of
 from ossconv.errors import CheckpointError, OssconvError, OutputExistsError
+from ossconv.files import ReadAhead
 from ossconv.formats import ggml, layouts, mxfp4
 from ossconv.formats.layouts import HF, ExpertWeight
 from ossconv.formats.precision import Precision
@@ -269,8 +270,10 @@ def convert_to_gguf(
         writer.write_header_to_file(path=temp)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for t in tensors:
-            writer.write_tensor_data(_Streamed(t.nbytes, prefetch(_pieces(ckpt, t, rule)), progress))
+        with ReadAhead([ckpt.stored(t.source) for t in tensors]) as read_ahead:
+            for index, t in enumerate(tensors):
+                read_ahead.reached(index)
+                writer.write_tensor_data(_Streamed(t.nbytes, prefetch(_pieces(ckpt, t, rule)), progress))
         writer.close()
         place(temp, out, overwrite=overwrite)
     except OSError as error:
