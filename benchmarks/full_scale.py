@@ -7,12 +7,12 @@ Builds the model by streaming (the generator the tests use, the real config: 24 
 36 x 128 for 120b, vocabulary 201088, real names, dtypes and file naming; ``--layers N`` for fewer layers of
 that shape), then runs each command in a child process and prints one table: seconds, GB/s, the child's own
 peak RSS (wait4), and two ratios from the same run: against ``cp -r`` of the source, and against the disk's
-own rate for what bounds the step (reading: ``cat > /dev/null`` of as many bytes as the step reads; writing:
-``dd`` of as many bytes as the step writes). Everything is measured from the disk: the step's inputs are
-dropped from the page cache first (posix_fadvise), and writes count until synced, the anchors' alike. It
-checks what it can (merge and the bf16 -> MXFP4 round trip byte-identical to the source tensors, verify exit
-0), checks free disk first and says what it skips (the bf16 round trip of the full 20b needs about 65 GB),
-and cleans up. ratio > 1 is faster than the anchor.
+own rate for what bounds the step (reading: ``cat > /dev/null`` of as many bytes as the step reads;
+writing: as many random bytes as the step writes, which nothing below can compress or skip). Everything is
+measured from the disk: the step's inputs are dropped from the page cache first (posix_fadvise), and
+writes count until synced, the anchors' alike. It checks what it can (merge and the bf16 -> MXFP4 round
+trip byte-identical to the source tensors, verify exit 0), checks free disk first and says what it skips
+(the bf16 round trip of the full 20b needs about 65 GB), and cleans up. ratio > 1 is faster than the anchor.
 """
 
 from __future__ import annotations
@@ -65,11 +65,23 @@ def tensor_digests(folder: Path) -> dict[str, str]:
     return found
 
 
+# Writes nbytes of data no layer below can compress or skip (zeros may be: a virtual disk can store them as
+# holes), 16 MiB at a time, each chunk a 64 MiB pool of random words XORed with its own number.
+WRITE_RANDOM = """
+import os, sys, numpy as np
+path, nbytes = sys.argv[1], int(sys.argv[2])
+pool = np.random.default_rng(0).integers(0, 2**63, size=(64 << 20) // 8, dtype=np.uint64)
+chunk = 2 << 20
+with open(path, "wb") as handle:
+    for number in range(max(1, nbytes // (chunk * 8))):
+        start = (number * chunk) % (pool.size - chunk)
+        handle.write((pool[start:start + chunk] ^ np.uint64(number)).tobytes())
+"""
+
+
 def disk_write_seconds(folder: Path, nbytes: int) -> float:
-    target = folder / "dd.bin"
-    seconds, _, _ = run_child(
-        ["dd", "if=/dev/zero", f"of={target}", "bs=16M", "status=none", f"count={max(1, nbytes >> 24)}"]
-    )
+    target = folder / "random.bin"
+    seconds, _, _ = run_child([sys.executable, "-c", WRITE_RANDOM, str(target), str(nbytes)])
     target.unlink()
     return seconds
 
