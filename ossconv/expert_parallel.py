@@ -25,6 +25,7 @@ from ossconv.checkpoint import Checkpoint, open_checkpoint
 from ossconv.convert.execute import execute, run
 from ossconv.convert.plan import Copy, Plan, plan
 from ossconv.convert.target import ConversionResult, ExpertForm, Target, WriteOptions
+from ossconv.digests import TrailingHash
 from ossconv.errors import CheckpointError, OssconvError, OutputExistsError
 from ossconv.files import TensorInfo, inside_folder, read_json
 from ossconv.formats import layouts
@@ -136,7 +137,7 @@ def write_ranks(ckpt: Checkpoint, out: Path, ranks: int, options: WriteOptions) 
     temp = temporary(out)
     shutil.rmtree(temp, ignore_errors=True)
     entries, tensors, files = [], 0, 0
-    hashes: dict[Path, Future[str]] = {}
+    hashes: dict[Path, Future[str] | str] = {}
     first_folder: Path | None = None
     try:
         temp.mkdir(parents=True)
@@ -146,19 +147,25 @@ def write_ranks(ckpt: Checkpoint, out: Path, ranks: int, options: WriteOptions) 
                 experts = range(rank * per_rank, (rank + 1) * per_rank)
                 target = Target(ckpt.layout, ckpt.precision, experts=ExpertForm.SPLIT, expert_range=experts)
                 rank_plan = plan(ckpt, target)
-                adopted = _write_rank(rank_plan, folder, first_folder, options)
+                adopted, written = _write_rank(rank_plan, folder, first_folder, options)
                 first_folder = first_folder or folder
                 tensors += len(rank_plan.specs)
                 for path in sorted(p for p in folder.iterdir() if p.is_file()):
                     files += path.suffix == ".safetensors"
                     if path.name in adopted:  # the first rank's file, linked: hashed once, there
                         hashes[path] = hashes[first_folder / path.name]
-                    else:
-                        hashes[path] = pool.submit(file_sha256, path)  # while the next rank is written
+                    elif path.name in written:  # hashed while it was written
+                        hashes[path] = written[path.name]
+                    else:  # config.json and the like, written whole at the end
+                        hashes[path] = pool.submit(file_sha256, path)
                 entries.append({"rank": rank, "folder": folder.name, "experts": [experts.start, experts.stop]})
             for entry in entries:
                 folder = temp / entry["folder"]
-                entry["files"] = {p.name: digest.result() for p, digest in hashes.items() if p.parent == folder}
+                entry["files"] = {
+                    p.name: digest if isinstance(digest, str) else digest.result()
+                    for p, digest in hashes.items()
+                    if p.parent == folder
+                }
         manifest = {
             "format": EP_FORMAT,
             "layout": ckpt.layout,
@@ -196,25 +203,38 @@ def write_ranks(ckpt: Checkpoint, out: Path, ranks: int, options: WriteOptions) 
     )
 
 
-def _write_rank(rank_plan: Plan, folder: Path, first: Path | None, options: WriteOptions) -> set[str]:
+def _write_rank(
+    rank_plan: Plan, folder: Path, first: Path | None, options: WriteOptions
+) -> tuple[set[str], dict[str, str]]:
     """One rank folder. Its non-expert tensors go into shards of their own, which are byte-identical in every
     rank: the first rank writes them, later ranks hard-link the first rank's files (see
-    :meth:`CheckpointWriter.adopt`), so shared bytes are written and hashed once, not once per rank. Returns
-    the names of the files taken from ``first``."""
+    :meth:`CheckpointWriter.adopt`), so shared bytes are written and hashed once, not once per rank. Every
+    file written is hashed right behind the writer (:class:`TrailingHash`). Returns the names of the files
+    taken from ``first`` and the sha256 of those written."""
     shared = frozenset(spec.name for spec in rank_plan.specs if not layouts.parse_split_name(spec.name))
-    with CheckpointWriter(
-        folder, rank_plan.specs, max_shard_size=options.max_shard_size, progress=options.progress, apart=shared
-    ) as writer:
-        adopted: set[str] = set()
-        for shard, filename in enumerate(writer.files):
-            names = writer.shard_names(shard)
-            if first is not None and names and set(names) <= shared and writer.adopt(shard, first / filename):
-                adopted.add(filename)
-        taken = {name for shard in writer.adopted for name in writer.shard_names(shard)}
-        steps = [step for step in rank_plan.steps if not (isinstance(step, Copy) and step.target in taken)]
-        execute(replace(rank_plan, steps=steps), writer)
-        writer.finish(rank_plan.json_files, rank_plan.source.side_files)
-    return adopted
+    hasher = TrailingHash()
+    try:
+        with CheckpointWriter(
+            folder,
+            rank_plan.specs,
+            max_shard_size=options.max_shard_size,
+            progress=options.progress,
+            apart=shared,
+            watcher=hasher,
+        ) as writer:
+            adopted: set[str] = set()
+            for shard, filename in enumerate(writer.files):
+                names = writer.shard_names(shard)
+                if first is not None and names and set(names) <= shared and writer.adopt(shard, first / filename):
+                    adopted.add(filename)
+            taken = {name for shard in writer.adopted for name in writer.shard_names(shard)}
+            steps = [step for step in rank_plan.steps if not (isinstance(step, Copy) and step.target in taken)]
+            execute(replace(rank_plan, steps=steps), writer)
+            writer.finish(rank_plan.json_files, rank_plan.source.side_files)
+        digests = hasher.finish()
+    finally:
+        hasher.close()
+    return adopted, {name: digest for name, digest in digests.items() if name not in adopted}
 
 
 # ---------------------------------------------------------------------------------------------- checking, merging

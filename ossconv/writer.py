@@ -107,6 +107,7 @@ class CheckpointWriter:
         overwrite: bool = False,
         progress: Progress | None = None,
         apart: frozenset[str] = frozenset(),
+        watcher: Any = None,
     ):
         self.out = Path(out)
         if self.out.exists() and not overwrite:
@@ -126,6 +127,12 @@ class CheckpointWriter:
                     raise ValueError(f"tensor {spec.name} planned twice")
                 self.slots[spec.name] = _Slot(spec, shard, len(header) + offsets[spec.name])
         self.fds: dict[int, int] = {}
+        # Each shard's slots by offset, the first not yet complete, and the bytes known written from the start
+        # (told to ``watcher``: see ossconv.digests.TrailingHash).
+        self.watcher = watcher
+        self._in_order = [sorted((s for s in self.slots.values() if s.shard == i), key=lambda s: s.offset) for i in
+                          range(len(plan))]  # fmt: skip
+        self._first_incomplete = [0] * len(plan)
         self.adopted: set[int] = set()  # shards taken whole from an existing file (see adopt)
         self.kernel_copy = hasattr(os, "copy_file_range")
         self.overwrite = overwrite
@@ -156,6 +163,9 @@ class CheckpointWriter:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             os.pwrite(fd, self.headers[shard], 0)  # no ftruncate to full size: sparse files write slower here
             self.fds[shard] = fd
+            if self.watcher is not None:
+                self.watcher.opened(shard, fd, self.files[shard])
+                self._advance(shard)
         return self.fds[shard]
 
     def _slot(self, name: str, offset: int, nbytes: int) -> _Slot:
@@ -260,7 +270,6 @@ class CheckpointWriter:
                         position += count
             except OSError as error:
                 raise OssconvError(f"cannot copy: {error.strerror or error}", existing) from None
-            os.close(self.fds.pop(shard))
         self.adopted.add(shard)
         for name in names:
             self._account(self.slots[name], self.slots[name].spec.nbytes - self.slots[name].written)
@@ -269,6 +278,17 @@ class CheckpointWriter:
     def _account(self, slot: _Slot, nbytes: int) -> None:
         slot.written += nbytes
         self.progress(nbytes)
+        if self.watcher is not None and slot.written == slot.spec.nbytes and slot.shard in self.fds:
+            self._advance(slot.shard)
+
+    def _advance(self, shard: int) -> None:
+        """Tell the watcher how far from the start this shard is complete."""
+        slots, index = self._in_order[shard], self._first_incomplete[shard]
+        while index < len(slots) and slots[index].written == slots[index].spec.nbytes:
+            index += 1
+        self._first_incomplete[shard] = index
+        frontier = slots[index - 1].offset + slots[index - 1].spec.nbytes if index else len(self.headers[shard])
+        self.watcher.written(shard, frontier)
 
     def finish(self, json_files: dict[str, dict[str, Any]], side_files: list[Path] = ()) -> Path:
         """Check every planned byte was written, add index/config/side files, and move into place."""

@@ -264,3 +264,58 @@ def test_read_ahead_hints_the_items_that_fit_the_window_in_order(monkeypatch):
             read_ahead.reached(index)
         read_ahead.worker.shutdown(wait=True)
     assert hinted == sizes  # each once, in order, the big item too when it is reached
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_hash_behind_the_writer_equals_hashlib_over_the_files(tmp_path, reverse):
+    """Digests computed in one pass while writing (in pieces, in any order, over several shards) equal
+    hashlib over the finished files."""
+    import hashlib
+
+    from ossconv.digests import TrailingHash
+
+    tensors = {f"t{i}": torch.arange(i * 1000, i * 1000 + 600 + 37 * i, dtype=torch.int32) for i in range(6)}
+    hasher = TrailingHash()
+    try:
+        with CheckpointWriter(tmp_path / "out", specs_of(tensors), max_shard_size=5000, watcher=hasher) as writer:
+            for name, tensor in reversed(tensors.items()) if reverse else tensors.items():
+                half = tensor.numel() // 2
+                writer.write(name, tensor[half:], offset=half * 4)  # the second half first
+                writer.write(name, tensor[:half])
+            writer.finish({})
+        digests = hasher.finish()
+    finally:
+        hasher.close()
+    files = sorted((tmp_path / "out").glob("*.safetensors"))
+    assert len(files) > 1 and sorted(digests) == [p.name for p in files]
+    assert digests == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def test_writer_reports_only_bytes_already_written(tmp_path):
+    """Each frontier the writer reports covers bytes that are written: a snapshot of the file up to it, taken
+    at that moment, is the finished file's beginning."""
+
+    class Snapshots:
+        def __init__(self):
+            self.fds, self.names, self.taken = {}, {}, []
+
+        def opened(self, shard, fd, name):
+            self.fds[shard], self.names[shard] = fd, name
+
+        def written(self, shard, frontier):
+            self.taken.append((self.names[shard], os.pread(self.fds[shard], frontier, 0)))
+
+    tensors = {f"t{i}": torch.arange(i * 1000, i * 1000 + 600 + 37 * i, dtype=torch.int32) for i in range(6)}
+    watcher = Snapshots()
+    with CheckpointWriter(tmp_path / "out", specs_of(tensors), max_shard_size=5000, watcher=watcher) as writer:
+        for name, tensor in reversed(tensors.items()):
+            half = tensor.numel() // 2
+            writer.write(name, tensor[half:], offset=half * 4)
+            writer.write(name, tensor[:half])
+        writer.finish({})
+    final = {p.name: p.read_bytes() for p in (tmp_path / "out").glob("*.safetensors")}
+    assert len(final) > 1 and {name for name, _ in watcher.taken} == set(final)
+    assert all(final[name].startswith(prefix) for name, prefix in watcher.taken)
+    assert {name: max(len(p) for n, p in watcher.taken if n == name) for name in final} == {
+        name: len(data) for name, data in final.items()
+    }
