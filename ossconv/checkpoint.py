@@ -138,13 +138,13 @@ class Checkpoint:
                 infos += self.pieces[name].values() if name in self.pieces else [self.tensors[name]]
         return [(info.file, info.offset, info.nbytes) for info in infos]
 
-    def layer_tensors(self, layer: int) -> list[TensorInfo]:
-        """Every stored tensor of one layer (each expert's, for experts stored one tensor each)."""
+    def layer_ranges(self, layer: int) -> list[tuple[Path, int, int]]:
+        """The byte ranges (file, offset, size) of every stored tensor of one layer, for read-ahead hints."""
         found = []
         for name, info in self.tensors.items():
             if layouts.layer_of(name) == layer:
                 found += self.pieces[name].values() if name in self.pieces else [info]
-        return found
+        return [(info.file, info.offset, info.nbytes) for info in found]
 
     def get_expert(
         self, weight: layouts.ExpertWeight, expert: int, dtype: torch.dtype, out: torch.Tensor | None = None

@@ -134,15 +134,14 @@ def read_rows(info: TensorInfo, start: int, stop: int, out: torch.Tensor | None 
     return tensor.view(stop - start, *info.shape[1:]) if info.shape else tensor.view(())
 
 
-def will_need(ranges: Iterable[TensorInfo | tuple[Path, int, int]]) -> None:
-    """Ask the kernel to start reading these tensors' (or ``(file, offset, nbytes)`` ranges') bytes into the
-    page cache, and return at once (no memory of ours holds them): a reader that hints what it reads next
-    finds it read (a cold 20b copied in 24 s instead of 41 s). A hint that cannot be given is skipped;
-    reading still works, only slower."""
+def will_need(ranges: Iterable[tuple[Path, int, int]]) -> None:
+    """Ask the kernel to start reading these ``(file, offset, nbytes)`` ranges into the page cache, and
+    return at once (no memory of ours holds them): a reader that hints what it reads next finds it read (a
+    cold 20b converted in 24 s instead of 41 s). A hint that cannot be given is skipped; reading still works,
+    only slower."""
     if not hasattr(os, "posix_fadvise"):
         return
-    for item in ranges:
-        file, offset, nbytes = (item.file, item.offset, item.nbytes) if isinstance(item, TensorInfo) else item
+    for file, offset, nbytes in ranges:
         try:
             fd = os.open(file, os.O_RDONLY)
         except OSError:

@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import torch
 from ossconv.adapters import load_adapters
 from ossconv.checkpoint import Checkpoint, open_checkpoint
 from ossconv.errors import OssconvError
-from ossconv.files import will_need
+from ossconv.files import ReadAhead
 from ossconv.progress import NoProgress, Progress
 from ossconv.verify import model
 from ossconv.verify.compare import LogitMetrics, StateMetrics, logit_metrics, state_metrics
@@ -322,17 +321,12 @@ def _run_case(
     x_a, x_b = model.embed(weights_a, ids), model.embed(weights_b, ids)
     record("embedding", "embedding", x_a, x_b)
     layers = weights_a.config.num_hidden_layers
-    with ThreadPoolExecutor(1, thread_name_prefix="ossconv-read-ahead") as hints:
-
-        def read_ahead(layer: int) -> None:  # the kernel reads a layer of both sides while we compute
-            if layer < layers:
-                for weights in (weights_a, weights_b):
-                    if isinstance(weights.ckpt, Checkpoint):  # (a GGUF file is read as it comes)
-                        hints.submit(will_need, weights.ckpt.layer_tensors(layer))
-
-        read_ahead(0)
+    sides = [w.ckpt for w in (weights_a, weights_b) if isinstance(w.ckpt, Checkpoint)]  # GGUF: read as it comes
+    ranges = [[r for ckpt in sides for r in ckpt.layer_ranges(layer)] for layer in range(layers)]
+    largest = max((sum(n for _, _, n in layer) for layer in ranges), default=0)
+    with ReadAhead(ranges, window=2 * largest) as read_ahead:  # the next layer of both sides, while we compute
         for layer in range(layers):
-            read_ahead(layer + 1)
+            read_ahead.reached(layer)
             x_a = model.block(x_a, weights_a, layer, rotary, cache_a)
             x_b = model.block(x_b, weights_b, layer, rotary, cache_b)
             record(f"layer {layer}", layer, x_a, x_b)
