@@ -48,11 +48,13 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-# The subpackage ossconv.convert would otherwise bind the name ``convert`` to itself the first time any of its
-# modules is imported, hiding the function; loading it now (it is empty) and unbinding leaves the name to
-# __getattr__ below for good.
-importlib.import_module("ossconv.convert")
-del globals()["convert"]
+# The subpackages ossconv.convert and ossconv.verify would otherwise bind the names ``convert`` and ``verify``
+# to themselves the first time any of their modules is imported, hiding the functions; loading them now (they
+# are empty) and unbinding leaves the names to __getattr__ below for good.
+for _subpackage in ("convert", "verify"):
+    importlib.import_module(f"ossconv.{_subpackage}")
+    del globals()[_subpackage]
+del _subpackage
 
 
 def __getattr__(name: str) -> Any:
