@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ossconv.checkpoint import Checkpoint, open_checkpoint
+from ossconv.files import ReadAhead
 from ossconv.formats import layouts, mxfp4
 from ossconv.formats.precision import SAFETENSORS_DTYPES, Precision
 from ossconv.gguf_file import GgufModel
@@ -144,9 +145,11 @@ def inspect_checkpoint(path: str | Path, *, stats: bool = False) -> InspectRepor
     if stats and ckpt.precision is Precision.MXFP4:
         unreadable = {p.subject for p in problems if p.code in (SHAPE, DTYPE)}
         ring = read_ring(ckpt)
-        for weight in ckpt.expert_weights:
-            names = {weight.blocks, weight.scales}
-            if names <= set(ckpt.tensors) and not names & unreadable:
+        weights = [w for w in ckpt.expert_weights if {w.blocks, w.scales} <= set(ckpt.tensors)]
+        weights = [w for w in weights if not {w.blocks, w.scales} & unreadable]
+        with ReadAhead([ckpt.stored(weight) for weight in weights]) as read_ahead:  # the disk reads ahead
+            for index, weight in enumerate(weights):
+                read_ahead.reached(index)
                 found = mxfp4_stats(ckpt, weight, ring)
                 report.mxfp4.append(found)
                 if found.inf_blocks:
