@@ -16,7 +16,7 @@ from ossconv.files import ReadAhead
 from ossconv.formats import layouts, mxfp4
 from ossconv.formats.precision import SAFETENSORS_DTYPES, Precision
 from ossconv.gguf_file import GgufModel
-from ossconv.prefetch import prefetch
+from ossconv.prefetch import prefetch, ring, ring_prefetch
 from ossconv.problems import DTYPE, INF_BLOCKS, SHAPE, Problem
 
 
@@ -54,36 +54,35 @@ class InspectReport:
         return asdict(self)
 
 
-READ_AHEAD = 2  # experts read ahead of the one being counted
-
-
 def read_ring(ckpt: Checkpoint) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Buffers for one expert's blocks and scales of any MXFP4 weight, reused for every expert read: an
-    expert goes into the slot of one the counting has finished with (READ_AHEAD queued, one being read, one
-    being counted)."""
+    """Buffers for one expert's blocks and scales of any MXFP4 weight of ``ckpt``, made once per inspect."""
     sizes = [0, 0]
     for weight in ckpt.expert_weights:
         for i, name in enumerate((weight.blocks, weight.scales)):
             info = ckpt.tensors.get(name)
             if info is not None and info.shape:  # the bytes of one row, as read_rows reads them
                 sizes[i] = max(sizes[i], info.nbytes // max(1, info.shape[0]))
-    return [tuple(torch.empty(size, dtype=torch.uint8) for size in sizes) for _ in range(READ_AHEAD + 2)]
+    return ring(lambda: (torch.empty(sizes[0], dtype=torch.uint8), torch.empty(sizes[1], dtype=torch.uint8)))
 
 
 def mxfp4_stats(
-    ckpt: Checkpoint | GgufModel, weight: layouts.ExpertWeight, ring: list[tuple[torch.Tensor, torch.Tensor]]
+    ckpt: Checkpoint | GgufModel, weight: layouts.ExpertWeight, buffers: list[tuple[torch.Tensor, torch.Tensor]]
 ) -> Mxfp4Stats:
     """Statistics of one MXFP4 weight, read one expert at a time (the next ones read while this one is
-    counted), from a checkpoint (into ``ring``, see :func:`read_ring`) or a GGUF file."""
-
-    def read(expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(ckpt, Checkpoint):
-            blocks, scales = ring[expert % len(ring)]
-            return ckpt.get_rows(weight.blocks, expert, out=blocks), ckpt.get_rows(weight.scales, expert, out=scales)
-        return ckpt.get_expert_packed(weight, expert)
-
+    counted), from a checkpoint (into ``buffers``, see :func:`read_ring`) or a GGUF file."""
     counts = mxfp4.BlockCounts.empty()
-    for blocks, scales in prefetch((read(expert) for expert in range(weight.num_experts)), depth=READ_AHEAD):
+    if isinstance(ckpt, Checkpoint):
+        experts = ring_prefetch(
+            lambda expert, out: (
+                ckpt.get_rows(weight.blocks, expert, out=out[0]),
+                ckpt.get_rows(weight.scales, expert, out=out[1]),
+            ),
+            weight.num_experts,
+            buffers,
+        )
+    else:
+        experts = prefetch(ckpt.get_expert_packed(weight, expert) for expert in range(weight.num_experts))
+    for blocks, scales in experts:
         counts.add(mxfp4.count_blocks(blocks, scales))
     histogram = counts.scale_histogram
     used = histogram.nonzero().view(-1)
@@ -144,13 +143,13 @@ def inspect_checkpoint(path: str | Path, *, stats: bool = False) -> InspectRepor
     )
     if stats and ckpt.precision is Precision.MXFP4:
         unreadable = {p.subject for p in problems if p.code in (SHAPE, DTYPE)}
-        ring = read_ring(ckpt)
+        buffers = read_ring(ckpt)
         weights = [w for w in ckpt.expert_weights if {w.blocks, w.scales} <= set(ckpt.tensors)]
         weights = [w for w in weights if not {w.blocks, w.scales} & unreadable]
         with ReadAhead([ckpt.stored(weight) for weight in weights]) as read_ahead:  # the disk reads ahead
             for index, weight in enumerate(weights):
                 read_ahead.reached(index)
-                found = mxfp4_stats(ckpt, weight, ring)
+                found = mxfp4_stats(ckpt, weight, buffers)
                 report.mxfp4.append(found)
                 if found.inf_blocks:
                     message = f"{weight.blocks}: {found.inf_blocks} block(s) decode to Inf"

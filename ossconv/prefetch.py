@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
+B = TypeVar("B")
 _DONE = object()
+READ_AHEAD = 2  # items made ahead of the one being consumed
+RING_SLOTS = READ_AHEAD + 2  # READ_AHEAD queued, one being made, one being consumed
 
 
 def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
@@ -50,3 +53,17 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
                 ready.get_nowait()
             except queue.Empty:
                 worker.join(0.01)
+
+
+def ring(make_buffer: Callable[[], B]) -> list[B]:
+    """Buffers for :func:`ring_prefetch`, made once and reusable across several of its runs."""
+    return [make_buffer() for _ in range(RING_SLOTS)]
+
+
+def ring_prefetch(make: Callable[[int, B], T], count: int, buffers: list[B]) -> Iterator[T]:
+    """``make(i, buffer)`` for i in ``range(count)`` on a worker thread, READ_AHEAD ahead, into ``buffers``
+    (see :func:`ring`) reused in turn: item ``i`` is made in the slot of an item the consumer has finished
+    with, so no item is allocated (and page-faulted) afresh. An item is valid until the next one is taken."""
+    if len(buffers) < RING_SLOTS:
+        raise ValueError(f"a ring needs {RING_SLOTS} buffers, got {len(buffers)}")
+    return prefetch((make(i, buffers[i % len(buffers)]) for i in range(count)), depth=READ_AHEAD)

@@ -20,7 +20,7 @@ from ossconv.files import ReadAhead
 from ossconv.formats import mxfp4
 from ossconv.formats.layouts import ExpertWeight
 from ossconv.formats.precision import Precision
-from ossconv.prefetch import prefetch
+from ossconv.prefetch import prefetch, ring, ring_prefetch
 from ossconv.writer import CheckpointWriter, check_output_apart
 
 MERGE_ROWS = 16384  # rows of a dense tensor merged at a time: an embedding never sits whole in fp32
@@ -94,17 +94,6 @@ def run(
     )
 
 
-READ_AHEAD = 2  # slices made ahead of the one being consumed
-
-
-def ring_prefetch(make: Callable[[int, torch.Tensor], torch.Tensor], count: int, buffer: Callable[[], torch.Tensor]):
-    """``make(i, buffer)`` for i in ``range(count)`` on a worker thread, READ_AHEAD ahead, into a ring of
-    reused buffers: item ``i`` is made in the slot of an item the consumer has finished with (READ_AHEAD
-    queued, one being made, one being consumed), so no slice is allocated (and page-faulted) afresh."""
-    ring = [buffer() for _ in range(READ_AHEAD + 2)]
-    return prefetch((make(i, ring[i % len(ring)]) for i in range(count)), depth=READ_AHEAD)
-
-
 def expert_slices(ckpt: Checkpoint, weight: ExpertWeight, dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """Each expert's weight as ``[out, in]`` of ``dtype`` (MXFP4 decoded, HF floats un-transposed), read and
     decoded ahead on a second thread while the current one is written. A slice is valid until the next one
@@ -113,7 +102,7 @@ def expert_slices(ckpt: Checkpoint, weight: ExpertWeight, dtype: torch.dtype) ->
     return ring_prefetch(
         lambda expert, out: ckpt.get_expert(weight, expert, dtype, out=out),
         weight.num_experts,
-        lambda: torch.empty(shape, dtype=dtype),
+        ring(lambda: torch.empty(shape, dtype=dtype)),
     )
 
 
@@ -124,7 +113,7 @@ def _stored_slices(weight: ExpertWeight, dtype: torch.dtype, slices: Iterator[to
     return ring_prefetch(
         lambda _, out: out.copy_(weight.to_stored(next(slices))),
         weight.num_experts,
-        lambda: torch.empty(shape, dtype=dtype),
+        ring(lambda: torch.empty(shape, dtype=dtype)),
     )
 
 
