@@ -8,6 +8,7 @@ tensors they came from. :meth:`Checkpoint.problems` says what does not fit the c
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -132,19 +133,18 @@ class Checkpoint:
             names = [source.blocks, source.scales] if source.blocks in self.tensors else [source.float_name]
         else:
             names = [part for part, _, _ in layouts.layout_parts(self.layout, source, self.config)]
-        infos = []
-        for name in names:
-            if name in self.tensors:
-                infos += self.pieces[name].values() if name in self.pieces else [self.tensors[name]]
-        return [(info.file, info.offset, info.nbytes) for info in infos]
+        return self._ranges(name for name in names if name in self.tensors)
 
     def layer_ranges(self, layer: int) -> list[tuple[Path, int, int]]:
         """The byte ranges (file, offset, size) of every stored tensor of one layer, for read-ahead hints."""
-        found = []
-        for name, info in self.tensors.items():
-            if layouts.layer_of(name) == layer:
-                found += self.pieces[name].values() if name in self.pieces else [info]
-        return [(info.file, info.offset, info.nbytes) for info in found]
+        return self._ranges(name for name in self.tensors if layouts.layer_of(name) == layer)
+
+    def _ranges(self, names: Iterable[str]) -> list[tuple[Path, int, int]]:
+        """Where these tensors' bytes are: each expert's piece for experts stored one tensor each."""
+        infos = []
+        for name in names:
+            infos += self.pieces[name].values() if name in self.pieces else [self.tensors[name]]
+        return [(info.file, info.offset, info.nbytes) for info in infos]
 
     def get_expert(
         self, weight: layouts.ExpertWeight, expert: int, dtype: torch.dtype, out: torch.Tensor | None = None

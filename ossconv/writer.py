@@ -17,7 +17,7 @@ import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -77,6 +77,15 @@ def _encode_header(specs: list[TensorSpec]) -> tuple[bytes, dict[str, int]]:
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+class ShardWatcher(Protocol):
+    """Told when a shard file is created and how far from its start it is written (see
+    :class:`ossconv.digests.TrailingHash`, which hashes right behind the writer)."""
+
+    def opened(self, shard: int, fd: int, name: str) -> None: ...
+
+    def written(self, shard: int, frontier: int) -> None: ...
+
+
 class WriterState(enum.Enum):
     OPEN = "open"  # the temporary folder exists and takes writes
     FINISHED = "finished"  # renamed into place
@@ -107,7 +116,7 @@ class CheckpointWriter:
         overwrite: bool = False,
         progress: Progress | None = None,
         apart: frozenset[str] = frozenset(),
-        watcher: Any = None,
+        watcher: ShardWatcher | None = None,
     ):
         self.out = Path(out)
         if self.out.exists() and not overwrite:
@@ -127,11 +136,12 @@ class CheckpointWriter:
                     raise ValueError(f"tensor {spec.name} planned twice")
                 self.slots[spec.name] = _Slot(spec, shard, len(header) + offsets[spec.name])
         self.fds: dict[int, int] = {}
-        # Each shard's slots by offset, the first not yet complete, and the bytes known written from the start
-        # (told to ``watcher``: see ossconv.digests.TrailingHash).
+        # Each shard's slots by offset and the first not yet complete: how far a shard is written from its
+        # start, told to ``watcher``.
         self.watcher = watcher
-        self._in_order = [sorted((s for s in self.slots.values() if s.shard == i), key=lambda s: s.offset) for i in
-                          range(len(plan))]  # fmt: skip
+        self._in_order: list[list[_Slot]] = [[] for _ in plan]
+        for slot in self.slots.values():  # planned in offset order within each shard
+            self._in_order[slot.shard].append(slot)
         self._first_incomplete = [0] * len(plan)
         self.adopted: set[int] = set()  # shards taken whole from an existing file (see adopt)
         self.kernel_copy = hasattr(os, "copy_file_range")
@@ -236,7 +246,7 @@ class CheckpointWriter:
         return len(data)
 
     def shard_names(self, shard: int) -> list[str]:
-        return [name for name, slot in self.slots.items() if slot.shard == shard]
+        return [slot.spec.name for slot in self._in_order[shard]]
 
     def adopt(self, shard: int, existing: Path) -> bool:
         """Take ``existing``, a complete shard file written by another writer with the same header (the same
