@@ -225,6 +225,54 @@ def test_bf16_fast_path_equals_fp32_path(rule, seed):
     assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
 
 
+def every_code_below_each_scale(seed: int) -> torch.Tensor:
+    """bf16 blocks, one per (largest magnitude, run of 31 lower magnitudes): for largest magnitudes of every
+    exponent, the 31 * 29 magnitudes below each cover every code and rounding tie the scale can give, with
+    random signs."""
+    g = torch.Generator().manual_seed(seed)
+    exponents = torch.arange(255).repeat_interleave(4)
+    ends = torch.tensor([[0, 127]]).expand(255, 2)
+    mantissas = torch.cat([ends, torch.randint(0, 128, (255, 2), generator=g)], dim=1).reshape(-1)
+    largest = exponents << 7 | mantissas
+    below = largest.view(-1, 1, 1) - torch.arange(1, 31 * 29 + 1).view(1, 29, 31)
+    blocks = torch.cat([largest.view(-1, 1, 1).expand(-1, 29, 1), below.clamp(min=0)], dim=-1).reshape(-1, 32)
+    signs = torch.randint(0, 2, blocks.shape, generator=g) << 15
+    return (blocks | signs).to(torch.int16).view(torch.bfloat16)
+
+
+@pytest.mark.parametrize("rule", mxfp4.RULES)
+def test_bf16_fast_path_equals_fp32_path_for_every_code_of_every_scale(rule):
+    x = every_code_below_each_scale(5)
+    fast = mxfp4.encode(x, rule)
+    slow = mxfp4.encode(x.float(), rule)
+    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+
+
+@pytest.mark.parametrize("rule", mxfp4.RULES)
+def test_transposed_bf16_view_encodes_in_place_as_its_copy(rule, monkeypatch):
+    """HF stores experts [in, out]; encode reads the transposed view without copying it. Blocks run down
+    its columns: a transpose or tile mistake changes the bytes. 72 outputs: a tile of 32 is cut short."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # split the columns over threads
+    g = torch.Generator().manual_seed(6)
+    stored = (torch.randn(mxfp4._CHUNK_BLOCKS // 8, 72, generator=g) * 0.02).to(torch.bfloat16)  # [in, out]
+    stored[64:96, 5] = 0.0  # a zero block
+    stored[96:128, 7] = torch.linspace(1e-37, 1e-39, 32)  # a block for the fp32 path
+    stored[128:160, 9] = every_code_below_each_scale(7)[1000]
+    view = stored.T
+    assert not view.is_contiguous()
+    encoded = mxfp4.encode(view, rule)
+    copied = mxfp4.encode(view.contiguous(), rule)
+    reference = mxfp4.encode(view.float(), rule)
+    for a, b in ((encoded, copied), (encoded, reference)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert 0 < encoded[1][7, 3] < 3  # the fp32 path was taken
+    stored[200, 70] = float("inf")
+    stored[300, 3] = float("nan")
+    first = 3 * stored.shape[0] + 300  # row 3 of the [out, in] view
+    with pytest.raises(mxfp4.NonFiniteError, match=rf"2 NaN/Inf value\(s\) \(first at flat index {first}\)"):
+        mxfp4.encode(view, rule)
+
+
 # ------------------------------------------------------------------------------------------ properties
 
 packed_blocks = arrays(np.uint8, (4, 16))

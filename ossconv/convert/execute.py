@@ -94,10 +94,20 @@ def run(
     )
 
 
-def expert_slices(ckpt: Checkpoint, weight: ExpertWeight, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+def expert_slices(
+    ckpt: Checkpoint, weight: ExpertWeight, dtype: torch.dtype, *, stored_views: bool = False
+) -> Iterator[torch.Tensor]:
     """Each expert's weight as ``[out, in]`` of ``dtype`` (MXFP4 decoded, HF floats un-transposed), read and
     decoded ahead on a second thread while the current one is written. A slice is valid until the next one
-    is taken."""
+    is taken. With ``stored_views``, HF's bf16 experts come as transposed views of the slice as stored,
+    not copies: the MXFP4 encoder reads them in place, and the transpose would cost as much as the encoding."""
+    if stored_views and weight.transposed and weight.float_name in ckpt.tensors:
+        if ckpt.info(weight.float_name).dtype == dtype == torch.bfloat16:
+            return ring_prefetch(
+                lambda expert, out: weight.from_stored(ckpt.get_rows(weight.float_name, expert, out=out)[0]),
+                weight.num_experts,
+                ring(lambda: torch.empty(weight.in_features * weight.out_features * 2, dtype=torch.uint8)),
+            )
     shape = (weight.out_features, weight.in_features)
     return ring_prefetch(
         lambda expert, out: ckpt.get_expert(weight, expert, dtype, out=out),
@@ -230,6 +240,6 @@ def _reencode(plan: Plan, step: Reencode, writer: CheckpointWriter) -> dict[str,
         dtype = ckpt.precision.torch_dtype if ckpt.precision.is_float else torch.float32
     else:
         dtype = target.precision.torch_dtype
-    slices = expert_slices(ckpt, step.source, dtype)
+    slices = expert_slices(ckpt, step.source, dtype, stored_views=target.precision is Precision.MXFP4)
     write_expert_weight(writer, step.target, target.precision, slices, rule=target.rule, source_file=source_file)
     return None

@@ -28,11 +28,12 @@ and ``encode(decode(b, s)) == (b, s)`` when, in addition, the block's largest |c
 smallest scales cannot round-trip under either rule, by the rules' own definitions: ``up`` rounds a
 subnormal ``d`` up to 2^-126, and torchao divides by 2^-126 even where it writes scale byte 0.
 
-Both rules run a fast path for bf16 input that never leaves 16-bit integers: because the scale is a power of
-two, an element's code depends only on its exponent relative to the scale and its 7 mantissa bits, so one
-1792-entry table replaces the float multiply and the rounding. Blocks whose scale is so small that the
-product would be an fp32 subnormal take the plain fp32 path, which every other input dtype takes too; the
-tests check that both paths agree bit for bit.
+Both rules run a fast path for bf16 input (:mod:`ossconv.formats.mxfp4_bf16`, compiled loops) that never
+leaves integers: because the scale is a power of two, an element's code depends only on its exponent
+relative to the scale and its 7 mantissa bits. It also reads HF's ``[in, out]`` experts in place (``x`` a
+transposed view), blocks down the columns. Blocks whose scale is so small that an element divided by it
+could be an fp32 subnormal take the plain fp32 path, which every other input dtype takes too; the tests
+check that both paths agree bit for bit.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import functools
 from dataclasses import dataclass
 from fractions import Fraction
 
+import numpy as np
 import torch
 
 from ossconv.formats.precision import FLOAT_DTYPES  # the dtypes decode writes and encode reads
@@ -60,13 +62,12 @@ HALF_INF_MIN_CODE = 4
 _BF16_INF_BITS = 0x7F80
 # Rows of 32 elements handled per step: bounds temporary memory to a few MB whatever the tensor size.
 _CHUNK_BLOCKS = 1 << 15
-# bf16 fast path: table rows cover q exponents 2^-3 .. 2^3 (below: code 0, above: saturated code 7).
+# bf16 fast path: q exponents 2^-3 .. 2^3 get a code of their own (below: code 0, above: saturated code 7).
 _FAST_MIN_EXP = -3
-_FAST_ROWS = 7
-_FAST_SPAN = _FAST_ROWS * 128
-_FAST_BASE = 1024
-# The fast path is exact while every q = x * 2^-k is an fp32 normal or rounds to code 0 anyway.
+# The fast path is exact while every q = x * 2^-k is an fp32 normal or rounds to code 0 anyway: scale
+# exponents from -124 up, scale bytes from 3 up.
 _FAST_MIN_SCALE_EXP = -124
+_FAST_MIN_SCALE_BYTE = _FAST_MIN_SCALE_EXP + E8M0_BIAS
 
 
 class NonFiniteError(ValueError):
@@ -186,20 +187,23 @@ def _signed_bounds() -> torch.Tensor:
 
 
 @functools.cache
-def _fast_table() -> torch.Tensor:
-    """[2048] uint8 code table for the bf16 path. With ``v = (exponent of q + 3) * 128 + mantissa`` clamped
-    to [0, 895], a positive element reads entry ``1024 + v`` and a negative one ``(1024 + v) ^ 2047``
-    (= 1023 - v), so the sign costs one xor on 16-bit integers."""
-    codes = []
-    for v in range(_FAST_SPAN):
-        row, mantissa = divmod(v, 128)
-        value = Fraction(2) ** (row + _FAST_MIN_EXP) * (1 + Fraction(mantissa, 128))
-        codes.append(fp4_code(value))
-    table = torch.zeros(2048, dtype=torch.uint8)
-    positive = torch.tensor(codes, dtype=torch.uint8)
-    table[_FAST_BASE : _FAST_BASE + _FAST_SPAN] = positive
-    table[_FAST_BASE - _FAST_SPAN : _FAST_BASE] = positive.flip(0) | 0x08
-    return table
+def bf16_block_tables(rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """For every bf16 magnitude a block's largest element can have (15 bits): the block's scale byte, and
+    the ``offset`` with ``|bits| - offset = (exponent of q + 3) * 128 + mantissa`` for its elements
+    (``q = x / scale``). Both come from :func:`_scale_bytes`, the fp32 path's own rule. A zero block gets
+    an offset that sends every code to +-0; a block too small for the fast path gets ``SLOW``."""
+    from ossconv.formats import mxfp4_bf16
+
+    amax_bits = torch.arange(mxfp4_bf16.MAGNITUDE + 1, dtype=torch.int32)
+    scale_byte = _scale_bytes((amax_bits << 16).view(torch.float32), rule)
+    scale_exp = scale_byte - E8M0_BIAS
+    if rule == "floor":
+        scale_exp = scale_exp.clamp(min=-126)  # torchao's divisor is never below 2^-126
+    # q's biased exponent is e - scale_exp, so (its unbiased exponent + 3) * 128 = (e - offset / 128).
+    offset = (scale_exp + E8M0_BIAS + _FAST_MIN_EXP) << 7
+    offset[0] = mxfp4_bf16.MAGNITUDE + 1
+    offset[1:][scale_exp[1:] < _FAST_MIN_SCALE_EXP] = mxfp4_bf16.SLOW
+    return scale_byte.to(torch.uint8).numpy(), offset.numpy()
 
 
 def _scale_bytes(amax: torch.Tensor, rule: str) -> torch.Tensor:
@@ -217,10 +221,13 @@ def _pack_codes(codes: torch.Tensor, out: torch.Tensor) -> None:
     out.copy_((pairs | (pairs >> 4)).view(out.shape))  # the cast to uint8 keeps the low byte
 
 
-def _raise_non_finite(chunk: torch.Tensor, start_block: int) -> None:
-    bad = ~torch.isfinite(chunk.view(-1))
-    flat = bad.nonzero().view(-1)
-    raise NonFiniteError(int(flat.numel()), start_block * BLOCK_SIZE + int(flat[0]))
+class _NonFiniteInput(Exception):
+    """Raised inside the encoders; :func:`encode` counts the NaN/Inf of the whole input for the error."""
+
+
+def _non_finite_error(x: torch.Tensor) -> NonFiniteError:
+    bad = (~torch.isfinite(x)).reshape(-1).nonzero().view(-1)
+    return NonFiniteError(int(bad.numel()), int(bad[0]))
 
 
 def _encode_fp32(x: torch.Tensor, rule: str, blocks: torch.Tensor, scales: torch.Tensor) -> None:
@@ -228,7 +235,7 @@ def _encode_fp32(x: torch.Tensor, rule: str, blocks: torch.Tensor, scales: torch
     xf = x.to(torch.float32)
     amax = xf.abs().amax(-1, keepdim=True)
     if not torch.isfinite(amax).all():
-        _raise_non_finite(x, 0)
+        raise _NonFiniteInput
     scale_byte = _scale_bytes(amax, rule)
     scale = (scale_byte << 23).view(torch.float32)
     if rule == "up":
@@ -238,36 +245,6 @@ def _encode_fp32(x: torch.Tensor, rule: str, blocks: torch.Tensor, scales: torch
     codes = (torch.bucketize(q.view(torch.int32), _signed_bounds(), out_int32=True) ^ 0x08).to(torch.uint8)
     _pack_codes(codes, blocks)
     scales.copy_(scale_byte.view(-1))
-
-
-def _encode_bf16(x: torch.Tensor, rule: str, blocks: torch.Tensor, scales: torch.Tensor) -> None:
-    """Fast path for [n, 32] bf16, bit-identical with :func:`_encode_fp32`."""
-    bits = x.view(torch.int16)
-    magnitude = bits & 0x7FFF
-    amax_bits = magnitude.amax(-1, keepdim=True)
-    if int(amax_bits.max()) >= _BF16_INF_BITS:
-        _raise_non_finite(x, 0)
-    amax = (amax_bits.to(torch.int32) << 16).view(torch.float32)
-    scale_byte = _scale_bytes(amax, rule)
-    scale_exp = scale_byte - E8M0_BIAS
-    if rule == "floor":
-        scale_exp = scale_exp.clamp(min=-126)
-    zero = amax_bits == 0
-    slow = (scale_exp < _FAST_MIN_SCALE_EXP) & ~zero
-    # v = (biased exponent of q + 3 - 127) * 128 + mantissa, and q's biased exponent is e - scale_exp.
-    offset = ((scale_exp + E8M0_BIAS + _FAST_MIN_EXP) << 7) - _FAST_BASE
-    offset = offset.masked_fill_(zero | slow, 0x7FFF).to(torch.int16)  # zero blocks: every code is +-0
-    v = magnitude.sub_(offset).clamp_(_FAST_BASE, _FAST_BASE + _FAST_SPAN - 1)
-    v ^= (bits >> 15) & 0x7FF
-    codes = torch.index_select(_fast_table(), 0, v.view(-1).to(torch.int32)).view(x.shape)
-    _pack_codes(codes, blocks)
-    scales.copy_(scale_byte.view(-1))
-    if slow.any():
-        rows = slow.view(-1).nonzero().view(-1)
-        slow_blocks = torch.empty((rows.numel(), BYTES_PER_BLOCK), dtype=torch.uint8)
-        slow_scales = torch.empty(rows.numel(), dtype=torch.uint8)
-        _encode_fp32(x[rows], rule, slow_blocks, slow_scales)
-        blocks[rows], scales[rows] = slow_blocks, slow_scales
 
 
 def encode(
@@ -297,21 +274,74 @@ def encode(
     if out is None:
         out = (torch.empty((*shape, BYTES_PER_BLOCK), dtype=torch.uint8), torch.empty(shape, dtype=torch.uint8))
     blocks_out, scales_out = out
-    flat_x = x.reshape(-1, BLOCK_SIZE)
-    flat_blocks = blocks_out.view(-1, BYTES_PER_BLOCK)
-    flat_scales = scales_out.view(-1)
-    encode_chunk = _encode_bf16 if x.dtype == torch.bfloat16 else _encode_fp32
+    try:
+        if x.dtype == torch.bfloat16:
+            _encode_bf16(x, rule, blocks_out, scales_out)
+        else:
+            _encode_floats(x.reshape(-1, BLOCK_SIZE), rule, blocks_out.view(-1, BYTES_PER_BLOCK), scales_out.view(-1))
+    except _NonFiniteInput:
+        raise _non_finite_error(x) from None
+    return blocks_out, scales_out
 
+
+def _encode_floats(x: torch.Tensor, rule: str, blocks: torch.Tensor, scales: torch.Tensor) -> None:
     def encode_range(first: int, last: int) -> None:
         for start in range(first, last, _CHUNK_BLOCKS):
             stop = min(last, start + _CHUNK_BLOCKS)
-            try:
-                encode_chunk(flat_x[start:stop], rule, flat_blocks[start:stop], flat_scales[start:stop])
-            except NonFiniteError as error:
-                raise NonFiniteError(error.count, start * BLOCK_SIZE + error.first_index) from None
+            _encode_fp32(x[start:stop], rule, blocks[start:stop], scales[start:stop])
 
-    in_parallel(encode_range, flat_x.shape[0], _CHUNK_BLOCKS)
-    return blocks_out, scales_out
+    in_parallel(encode_range, x.shape[0], _CHUNK_BLOCKS)
+
+
+def _encode_bf16(x: torch.Tensor, rule: str, blocks: torch.Tensor, scales: torch.Tensor) -> None:
+    """The compiled fast path; the few blocks it cannot encode exactly are then re-encoded in fp32."""
+    from ossconv.formats import mxfp4_bf16
+
+    scale_bytes, offsets = bf16_block_tables(rule)
+    slow: list[int] = []
+    if x.ndim == 2 and not x.is_contiguous() and x.mT.is_contiguous():  # HF's [in, out] expert, read in place
+        matrix = x
+        stored = x.mT.view(torch.int16).numpy().view(np.uint16)
+        rows_out = blocks.view(x.shape[0], -1, BYTES_PER_BLOCK).numpy()
+        scales_out = scales.view(x.shape[0], -1).numpy()
+
+        def encode_range(first: int, last: int) -> None:
+            failed, found = mxfp4_bf16.encode_columns(stored, first, last, scale_bytes, offsets, rows_out, scales_out)
+            slow.append(found)
+            if failed >= 0:
+                raise _NonFiniteInput
+
+        in_parallel(encode_range, x.shape[0], max(1, _CHUNK_BLOCKS * BLOCK_SIZE // x.shape[1]))
+    else:
+        matrix = x.reshape(-1, x.shape[-1])  # a copy only when x is some other view
+        bits = matrix.view(torch.int16).numpy().view(np.uint16).reshape(-1, BLOCK_SIZE)
+        flat_blocks = blocks.view(-1, BYTES_PER_BLOCK).numpy()
+        flat_scales = scales.view(-1).numpy()
+
+        def encode_range(first: int, last: int) -> None:
+            failed, found = mxfp4_bf16.encode_rows(
+                bits[first:last], scale_bytes, offsets, flat_blocks[first:last], flat_scales[first:last]
+            )
+            slow.append(found)
+            if failed >= 0:
+                raise _NonFiniteInput
+
+        in_parallel(encode_range, bits.shape[0], _CHUNK_BLOCKS)
+    if sum(slow):
+        _encode_tiny_blocks(matrix, rule, blocks.view(-1, BYTES_PER_BLOCK), scales.view(-1))
+
+
+def _encode_tiny_blocks(matrix: torch.Tensor, rule: str, blocks: torch.Tensor, scales: torch.Tensor) -> None:
+    """Re-encode in fp32 every block of ``matrix [R, K]`` whose scale byte is below the fast path's range
+    (zero blocks among them, which gives the same bytes)."""
+    index = (scales < _FAST_MIN_SCALE_BYTE).nonzero().view(-1)
+    groups = matrix.shape[1] // BLOCK_SIZE
+    columns = (index % groups * BLOCK_SIZE).unsqueeze(1) + torch.arange(BLOCK_SIZE)
+    values = matrix[(index // groups).unsqueeze(1), columns]
+    tiny_blocks = torch.empty((index.numel(), BYTES_PER_BLOCK), dtype=torch.uint8)
+    tiny_scales = torch.empty(index.numel(), dtype=torch.uint8)
+    _encode_fp32(values, rule, tiny_blocks, tiny_scales)
+    blocks[index], scales[index] = tiny_blocks, tiny_scales
 
 
 # ---------------------------------------------------------------------------------------------- statistics

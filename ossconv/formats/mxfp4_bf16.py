@@ -1,0 +1,96 @@
+"""The bf16 MXFP4 encoder as compiled loops: each block read once, its codes packed as they are made.
+
+Why compiled: written as torch element-wise passes the encoder made about twelve passes over every element
+(mask, reduce, subtract, clamp, sign, widen, gather, pack) and took 42 ms per 5760 x 2880 expert on two
+cores, five times the time the disk takes to read it. One loop per block does the same work in cache.
+
+Why the code is arithmetic: the scale is a power of two, so an element's code depends only on the block's
+scale and the element's own bf16 bits. With ``v = |bits| - offset`` (the block's ``offset`` from
+:func:`ossconv.formats.mxfp4.bf16_block_tables`, clamped to ``[0, 895]``), ``v >> 7`` is the exponent of
+``q = x / scale`` plus 3 and ``v & 127`` its 7 mantissa bits. E2M1 is itself a tiny float (exponent bias
+1, one mantissa bit, subnormal step 0.5), so its code is q's significand rounded to nearest-even at the
+bit E2M1 keeps — the 6th bit below the point in the normal range (q >= 1), the 7th to 9th below 1 — and
+saturated at 7 (6.0). The tests check every result against the fp32 reference path.
+
+HF stores a float expert ``[in, out]``; its blocks run down columns. :func:`encode_columns` reads 32 x 32
+tiles of the stored matrix, so it encodes without the transpose that would otherwise cost as much again.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+MAGNITUDE = 0x7FFF
+NON_FINITE = 0x7F80  # bf16 magnitude bits from +Inf up: Inf and NaN
+SPAN = 7 * 128  # q exponents 2^-3 (below: code 0) to 2^3 (above: saturated), 128 mantissa patterns each
+SLOW = -(1 << 20)  # offset marking a block whose q can be an fp32 subnormal: the caller re-encodes it in fp32
+
+_jit = numba.njit(nogil=True, cache=True, boundscheck=False)
+
+
+@numba.njit(inline="always")
+def _code(bits: int, offset: int) -> int:
+    v = min(max((bits & MAGNITUDE) - offset, 0), SPAN - 1)
+    exponent = v >> 7  # of q, plus 3
+    significand = 128 | (v & 127)  # q's 8 significant bits
+    shift = max(9 - exponent, 6)  # the bits E2M1 drops
+    rounded = (significand + (1 << (shift - 1)) - 1 + ((significand >> shift) & 1)) >> shift
+    return min(max(2 * exponent - 6, 0) + rounded, 7) | ((bits >> 12) & 8)
+
+
+@numba.njit(inline="always")
+def _encode_block(values, offsets, packed, codes) -> int:  # noqa: ANN001 (numba arrays)
+    """Pack the 32 bf16 bit patterns ``values`` into ``packed`` (16 bytes); return their largest magnitude."""
+    largest = 0
+    for k in range(32):
+        largest = max(largest, np.int32(values[k]) & MAGNITUDE)
+    offset = offsets[largest]
+    for k in range(32):
+        codes[k] = _code(np.int32(values[k]), offset)
+    for j in range(16):
+        packed[j] = codes[2 * j] | (codes[2 * j + 1] << 4)
+    return largest
+
+
+@_jit
+def encode_rows(bits, scale_bytes, offsets, blocks, scales):  # noqa: ANN001, ANN201
+    """``bits`` [n, 32] uint16 (blocks along rows) -> ``blocks`` [n, 16], ``scales`` [n].
+
+    Returns (the first block holding NaN/Inf or -1, how many blocks need the fp32 path)."""
+    codes = np.empty(32, np.int32)
+    slow = 0
+    for b in range(bits.shape[0]):
+        largest = _encode_block(bits[b], offsets, blocks[b], codes)
+        if largest >= NON_FINITE:
+            return b, slow
+        scales[b] = scale_bytes[largest]
+        slow += offsets[largest] == SLOW
+    return -1, slow
+
+
+@_jit
+def encode_columns(bits, first, last, scale_bytes, offsets, blocks, scales):  # noqa: ANN001, ANN201
+    """Columns ``first:last`` of ``bits`` [K, N] uint16 (a stored ``[in, out]`` matrix, blocks down its
+    columns) -> rows ``first:last`` of ``blocks`` [N, K/32, 16] and ``scales`` [N, K/32].
+
+    Returns (the first failing block's index in ``scales``' flat order or -1, blocks needing fp32)."""
+    groups = bits.shape[0] // 32
+    tile = np.empty((32, 32), np.int32)  # [column, row]: a column's block, contiguous
+    codes = np.empty(32, np.int32)
+    slow = 0
+    for start in range(first, last, 32):
+        width = min(32, last - start)
+        for g in range(groups):
+            for k in range(32):
+                row = bits[g * 32 + k]
+                for c in range(width):
+                    tile[c, k] = row[start + c]
+            for c in range(width):
+                n = start + c
+                largest = _encode_block(tile[c], offsets, blocks[n, g], codes)
+                if largest >= NON_FINITE:
+                    return n * groups + g, slow
+                scales[n, g] = scale_bytes[largest]
+                slow += offsets[largest] == SLOW
+    return -1, slow
