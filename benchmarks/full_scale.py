@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--ep-ranks", type=int, default=4)
     parser.add_argument("--keep", action="store_true", help="keep the synthetic source for another run")
+    parser.add_argument("--only", default="", help="run only the steps whose names contain this text")
     args = parser.parse_args()
     shape = dict(MODELS[args.model])
     if args.layers:
@@ -142,6 +143,9 @@ def main() -> None:
         ]  # fmt: skip
     else:
         print(f"skipping the bf16 round trip: it needs about {(bf16_size + size) / 1e9:.0f} GB beside the source")
+    if args.only:
+        steps = [step for step in steps if args.only in step[0]]
+        print(f"steps: {', '.join(step[0] for step in steps) or 'none'}")
     done_with = {  # what each step leaves for a later one, removed after that
         "convert --to hf": [],
         "verify A vs HF": [hf],

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ossconv.errors import CheckpointError
-from ossconv.files import TensorInfo, inside_folder, read_folder_tensors, read_json, read_rows
+from ossconv.files import TensorInfo, inside_folder, map_rows, read_folder_tensors, read_json, read_rows
 from ossconv.formats import layouts, mxfp4
 from ossconv.formats.config import ModelConfig
 from ossconv.formats.precision import Precision
@@ -125,6 +125,14 @@ class Checkpoint:
             read_rows(part, 0, part.shape[0] if part.shape else 1, out.view(-1)[position:])
             position += part.nbytes
         return out.view(-1)[:position].view(info.dtype).view(stop - start, *info.shape[1:])
+
+    def map_rows(self, name: str, expert: int) -> torch.Tensor:
+        """One expert of a fused expert tensor as :meth:`get_rows` gives it, mapped in place of read (see
+        :func:`ossconv.files.map_rows`): for bytes a consumer reads once, straight from the page cache."""
+        if name in self.pieces:
+            part = self._piece(name, expert)
+            return map_rows(part, 0, part.shape[0] if part.shape else 1).view(1, *self.info(name).shape[1:])
+        return map_rows(self.info(name), expert, expert + 1)
 
     def stored(self, source: str | layouts.ExpertWeight) -> list[tuple[Path, int, int]]:
         """The byte ranges (file, offset, size) that hold a canonical dense tensor or an expert weight, for

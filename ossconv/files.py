@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import mmap
 import os
 import stat
 import struct
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -132,6 +134,37 @@ def read_rows(info: TensorInfo, start: int, stop: int, out: torch.Tensor | None 
         os.close(fd)
     tensor = data.view(info.dtype) if count else torch.empty(0, dtype=info.dtype)
     return tensor.view(stop - start, *info.shape[1:]) if info.shape else tensor.view(())
+
+
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python 3.11 lacks the name
+
+
+def map_rows(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of a stored tensor, mapped from the page cache instead of copied out of it: for data
+    read once, ``pread``'s copy costs the kernel more CPU than reading the disk does (cold bf16 experts, 4.9
+    GB: 1.7-2.2 s of system time with ``pread``, 0.1 s mapped, and a second less wall time). The pages are
+    faulted in here, on the caller's (prefetch) thread, in one call where the kernel can; the mapping is
+    private (writes never reach the file) and lives as long as the returned tensor."""
+    rows = info.shape[0] if info.shape else 1
+    row_bytes = info.nbytes // rows if rows else 0
+    count = (stop - start) * row_bytes
+    if count == 0:
+        return read_rows(info, start, stop)
+    position = info.offset + start * row_bytes
+    aligned = position - position % mmap.ALLOCATIONGRANULARITY
+    try:
+        with open(info.file, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size < position + count:  # mapped past its end, a read would SIGBUS
+                raise CheckpointError(f"file ended inside tensor {info.name}", info.file)
+            mapping = mmap.mmap(handle.fileno(), position + count - aligned, offset=aligned, access=mmap.ACCESS_COPY)
+    except OSError as error:
+        raise CheckpointError(f"cannot read {info.name}: {error.strerror}", info.file) from None
+    try:
+        mapping.madvise(MADV_POPULATE_READ)
+    except OSError:  # an older kernel: the pages come in as they are touched
+        pass
+    data = torch.from_numpy(np.frombuffer(mapping, dtype=np.uint8, count=count, offset=position - aligned))
+    return data.view(info.dtype).view(stop - start, *info.shape[1:])
 
 
 # Linux reads at most max(read-ahead, largest I/O) bytes per WILLNEED hint (8 MB here, about 1 MB by default):

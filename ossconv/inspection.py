@@ -9,14 +9,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from ossconv.checkpoint import Checkpoint, open_checkpoint
 from ossconv.files import ReadAhead
 from ossconv.formats import layouts, mxfp4
 from ossconv.formats.precision import SAFETENSORS_DTYPES, Precision
 from ossconv.gguf_file import GgufModel
-from ossconv.prefetch import prefetch, ring, ring_prefetch
+from ossconv.prefetch import READ_AHEAD, prefetch
 from ossconv.problems import DTYPE, INF_BLOCKS, SHAPE, Problem
 
 
@@ -54,31 +52,17 @@ class InspectReport:
         return asdict(self)
 
 
-def read_ring(ckpt: Checkpoint) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Buffers for one expert's blocks and scales of any MXFP4 weight of ``ckpt``, made once per inspect."""
-    sizes = [0, 0]
-    for weight in ckpt.expert_weights:
-        for i, name in enumerate((weight.blocks, weight.scales)):
-            info = ckpt.tensors.get(name)
-            if info is not None and info.shape:  # the bytes of one row, as read_rows reads them
-                sizes[i] = max(sizes[i], info.nbytes // max(1, info.shape[0]))
-    return ring(lambda: (torch.empty(sizes[0], dtype=torch.uint8), torch.empty(sizes[1], dtype=torch.uint8)))
-
-
-def mxfp4_stats(
-    ckpt: Checkpoint | GgufModel, weight: layouts.ExpertWeight, buffers: list[tuple[torch.Tensor, torch.Tensor]]
-) -> Mxfp4Stats:
+def mxfp4_stats(ckpt: Checkpoint | GgufModel, weight: layouts.ExpertWeight) -> Mxfp4Stats:
     """Statistics of one MXFP4 weight, read one expert at a time (the next ones read while this one is
-    counted), from a checkpoint (into ``buffers``, see :func:`read_ring`) or a GGUF file."""
+    counted), from a checkpoint (mapped from the page cache: read once, not copied) or a GGUF file."""
     counts = mxfp4.BlockCounts.empty()
     if isinstance(ckpt, Checkpoint):
-        experts = ring_prefetch(
-            lambda expert, out: (
-                ckpt.get_rows(weight.blocks, expert, out=out[0]),
-                ckpt.get_rows(weight.scales, expert, out=out[1]),
+        experts = prefetch(
+            (
+                (ckpt.map_rows(weight.blocks, expert), ckpt.map_rows(weight.scales, expert))
+                for expert in range(weight.num_experts)
             ),
-            weight.num_experts,
-            buffers,
+            depth=READ_AHEAD,
         )
     else:
         experts = prefetch(ckpt.get_expert_packed(weight, expert) for expert in range(weight.num_experts))
@@ -143,13 +127,12 @@ def inspect_checkpoint(path: str | Path, *, stats: bool = False) -> InspectRepor
     )
     if stats and ckpt.precision is Precision.MXFP4:
         unreadable = {p.subject for p in problems if p.code in (SHAPE, DTYPE)}
-        buffers = read_ring(ckpt)
         weights = [w for w in ckpt.expert_weights if {w.blocks, w.scales} <= set(ckpt.tensors)]
         weights = [w for w in weights if not {w.blocks, w.scales} & unreadable]
         with ReadAhead([ckpt.stored(weight) for weight in weights]) as read_ahead:  # the disk reads ahead
             for index, weight in enumerate(weights):
                 read_ahead.reached(index)
-                found = mxfp4_stats(ckpt, weight, buffers)
+                found = mxfp4_stats(ckpt, weight)
                 report.mxfp4.append(found)
                 if found.inf_blocks:
                     message = f"{weight.blocks}: {found.inf_blocks} block(s) decode to Inf"
@@ -186,7 +169,7 @@ def _inspect_gguf(model: GgufModel, stats: bool) -> InspectReport:
     )
     if stats and model.precision is Precision.MXFP4:
         for weight in model.expert_weights:
-            found = mxfp4_stats(model, weight, [])
+            found = mxfp4_stats(model, weight)
             found.blocks_tensor = found.scales_tensor = " + ".join(model.expert_names(weight))
             report.mxfp4.append(found)
             if found.inf_blocks:

@@ -20,7 +20,7 @@ from ossconv.files import ReadAhead
 from ossconv.formats import mxfp4
 from ossconv.formats.layouts import ExpertWeight
 from ossconv.formats.precision import Precision
-from ossconv.prefetch import prefetch, ring, ring_prefetch
+from ossconv.prefetch import READ_AHEAD, prefetch, ring, ring_prefetch
 from ossconv.writer import CheckpointWriter, check_output_apart
 
 MERGE_ROWS = 16384  # rows of a dense tensor merged at a time: an embedding never sits whole in fp32
@@ -99,15 +99,14 @@ def expert_slices(
 ) -> Iterator[torch.Tensor]:
     """Each expert's weight as ``[out, in]`` of ``dtype`` (MXFP4 decoded, HF floats un-transposed), read and
     decoded ahead on a second thread while the current one is written. A slice is valid until the next one
-    is taken. With ``stored_views``, HF's bf16 experts come as transposed views of the slice as stored,
-    not copies: the MXFP4 encoder reads them in place, and the transpose would cost as much as the encoding."""
-    if stored_views and weight.transposed and weight.float_name in ckpt.tensors:
-        if ckpt.info(weight.float_name).dtype == dtype == torch.bfloat16:
-            return ring_prefetch(
-                lambda expert, out: weight.from_stored(ckpt.get_rows(weight.float_name, expert, out=out)[0]),
-                weight.num_experts,
-                ring(lambda: torch.empty(weight.in_features * weight.out_features * 2, dtype=torch.uint8)),
-            )
+    is taken. With ``stored_views``, float experts stored in ``dtype`` come as views of the page cache
+    (:meth:`Checkpoint.map_rows`), HF's transposed: the MXFP4 encoder reads them in place, where a copy out
+    of the page cache, and HF's transpose, would cost as much CPU as the encoding."""
+    if stored_views and weight.float_name in ckpt.tensors and ckpt.info(weight.float_name).dtype == dtype:
+        return prefetch(
+            (weight.from_stored(ckpt.map_rows(weight.float_name, expert)[0]) for expert in range(weight.num_experts)),
+            depth=READ_AHEAD,
+        )
     shape = (weight.out_features, weight.in_features)
     return ring_prefetch(
         lambda expert, out: ckpt.get_expert(weight, expert, dtype, out=out),

@@ -28,7 +28,7 @@ and ``encode(decode(b, s)) == (b, s)`` when, in addition, the block's largest |c
 smallest scales cannot round-trip under either rule, by the rules' own definitions: ``up`` rounds a
 subnormal ``d`` up to 2^-126, and torchao divides by 2^-126 even where it writes scale byte 0.
 
-Both rules run a fast path for bf16 input (:mod:`ossconv.formats.mxfp4_bf16`, compiled loops) that never
+Both rules run a fast path for bf16 input (:mod:`ossconv.formats.mxfp4_compiled`, compiled loops) that never
 leaves integers: because the scale is a power of two, an element's code depends only on its exponent
 relative to the scale and its 7 mantissa bits. It also reads HF's ``[in, out]`` experts in place (``x`` a
 transposed view), blocks down the columns. Blocks whose scale is so small that an element divided by it
@@ -58,7 +58,7 @@ RULES = ("up", "floor")
 # 2^127 times a code of magnitude >= 2.0 (index 4) is Inf too.
 INF_SCALE = 255
 HALF_INF_SCALE = 254
-HALF_INF_MIN_CODE = 4
+HALF_INF_MIN_CODE = 4  # bit 2 of a magnitude: the compiled counts test that bit
 _BF16_INF_BITS = 0x7F80
 # Rows of 32 elements handled per step: bounds temporary memory to a few MB whatever the tensor size.
 _CHUNK_BLOCKS = 1 << 15
@@ -192,17 +192,17 @@ def bf16_block_tables(rule: str) -> tuple[np.ndarray, np.ndarray]:
     the ``offset`` with ``|bits| - offset = (exponent of q + 3) * 128 + mantissa`` for its elements
     (``q = x / scale``). Both come from :func:`_scale_bytes`, the fp32 path's own rule. A zero block gets
     an offset that sends every code to +-0; a block too small for the fast path gets ``SLOW``."""
-    from ossconv.formats import mxfp4_bf16
+    from ossconv.formats import mxfp4_compiled
 
-    amax_bits = torch.arange(mxfp4_bf16.MAGNITUDE + 1, dtype=torch.int32)
+    amax_bits = torch.arange(mxfp4_compiled.MAGNITUDE + 1, dtype=torch.int32)
     scale_byte = _scale_bytes((amax_bits << 16).view(torch.float32), rule)
     scale_exp = scale_byte - E8M0_BIAS
     if rule == "floor":
         scale_exp = scale_exp.clamp(min=-126)  # torchao's divisor is never below 2^-126
     # q's biased exponent is e - scale_exp, so (its unbiased exponent + 3) * 128 = (e - offset / 128).
     offset = (scale_exp + E8M0_BIAS + _FAST_MIN_EXP) << 7
-    offset[0] = mxfp4_bf16.MAGNITUDE + 1
-    offset[1:][scale_exp[1:] < _FAST_MIN_SCALE_EXP] = mxfp4_bf16.SLOW
+    offset[0] = mxfp4_compiled.MAGNITUDE + 1
+    offset[1:][scale_exp[1:] < _FAST_MIN_SCALE_EXP] = mxfp4_compiled.SLOW
     return scale_byte.to(torch.uint8).numpy(), offset.numpy()
 
 
@@ -295,7 +295,7 @@ def _encode_floats(x: torch.Tensor, rule: str, blocks: torch.Tensor, scales: tor
 
 def _encode_bf16(x: torch.Tensor, rule: str, blocks: torch.Tensor, scales: torch.Tensor) -> None:
     """The compiled fast path; the few blocks it cannot encode exactly are then re-encoded in fp32."""
-    from ossconv.formats import mxfp4_bf16
+    from ossconv.formats import mxfp4_compiled
 
     scale_bytes, offsets = bf16_block_tables(rule)
     slow: list[int] = []
@@ -306,7 +306,9 @@ def _encode_bf16(x: torch.Tensor, rule: str, blocks: torch.Tensor, scales: torch
         scales_out = scales.view(x.shape[0], -1).numpy()
 
         def encode_range(first: int, last: int) -> None:
-            failed, found = mxfp4_bf16.encode_columns(stored, first, last, scale_bytes, offsets, rows_out, scales_out)
+            failed, found = mxfp4_compiled.encode_columns(
+                stored, first, last, scale_bytes, offsets, rows_out, scales_out
+            )
             slow.append(found)
             if failed >= 0:
                 raise _NonFiniteInput
@@ -319,7 +321,7 @@ def _encode_bf16(x: torch.Tensor, rule: str, blocks: torch.Tensor, scales: torch
         flat_scales = scales.view(-1).numpy()
 
         def encode_range(first: int, last: int) -> None:
-            failed, found = mxfp4_bf16.encode_rows(
+            failed, found = mxfp4_compiled.encode_rows(
                 bits[first:last], scale_bytes, offsets, flat_blocks[first:last], flat_scales[first:last]
             )
             slow.append(found)
@@ -361,11 +363,7 @@ def max_code_magnitude(blocks: torch.Tensor) -> torch.Tensor:
     return torch.maximum(low, high).amax(-1)
 
 
-# Nibble masks over a 64-bit word (16 codes): the magnitude bits, and bit 1 of each code (bits 1 and 2 are
-# both set exactly for magnitudes 6 and 7, the values 4.0 and 6.0).
-_MAGNITUDE_BITS = 0x7777777777777777
-_CODE_BIT_1 = 0x2222222222222222
-_COUNT_CHUNK_BLOCKS = 1 << 16  # 1 MB of blocks: measured fastest (16x fewer blocks: half the speed)
+_COUNT_CHUNK_BLOCKS = 1 << 16  # blocks per range of work for the threads
 
 
 @dataclass
@@ -391,43 +389,31 @@ class BlockCounts:
 def count_blocks(blocks: torch.Tensor, scales: torch.Tensor) -> BlockCounts:
     """Counts of ``blocks`` ``[..., G, 16]`` and their ``scales`` ``[..., G]``, at memory speed on all cores.
 
-    A block is two 64-bit words of 16 codes each, so "all magnitudes zero" and "some magnitude >= 6" are a
-    few word-wide operations per block instead of per-code work; only the rare blocks with scale 254 or 255
-    (which may decode to Inf) are looked at code by code. Equal to counting :func:`max_code_magnitude`.
+    A block is two 64-bit words of 16 codes each, so "all magnitudes zero", "some magnitude >= 6" and
+    "some magnitude >= 4" (:data:`HALF_INF_MIN_CODE`) are a few word-wide operations per block in one
+    compiled pass (:func:`ossconv.formats.mxfp4_compiled.count_blocks`). Equal to counting
+    :func:`max_code_magnitude`.
     """
+    from ossconv.formats import mxfp4_compiled
+
     _check_packed(blocks, scales)
-    flat_blocks = blocks.contiguous().view(-1, BYTES_PER_BLOCK)
-    words = flat_blocks.view(torch.int64)  # [N, 2]: 16 codes per word
-    scales = scales.contiguous().view(-1)
-    if words.shape[0] != scales.numel():
-        raise ValueError(f"{words.shape[0]} blocks but {scales.numel()} scales")
-    total = BlockCounts.empty()
-    near_inf = (scales >= HALF_INF_SCALE).nonzero().view(-1)
-    if near_inf.numel():
-        total.inf = int(inf_blocks(scales[near_inf], max_code_magnitude(flat_blocks[near_inf])).sum())
-    parts: list[tuple[torch.Tensor, int, int]] = []
+    words = blocks.contiguous().view(-1, BYTES_PER_BLOCK).view(torch.int64).numpy().view(np.uint64)
+    flat_scales = scales.contiguous().view(-1).numpy()
+    parts: list[tuple[np.ndarray, int, int, int]] = []
 
     def count_range(first: int, last: int) -> None:
-        histogram = torch.bincount(scales[first:last], minlength=256)  # as slow per byte as the rest: share it
-        zero = large_count = 0
-        for start in range(first, last, _COUNT_CHUNK_BLOCKS):
-            end = min(start + _COUNT_CHUNK_BLOCKS, last)
-            low, high = words[start:end, 0], words[start:end, 1]
-            magnitudes = low | high  # in place from here: each pass is a trip through memory
-            magnitudes &= _MAGNITUDE_BITS
-            zero += (end - start) - int(torch.count_nonzero(magnitudes))
-            large, high_large = low >> 1, high >> 1
-            large &= low
-            high_large &= high
-            large |= high_large
-            large &= _CODE_BIT_1
-            large_count += int(torch.count_nonzero(large))
-        parts.append((histogram, zero, large_count))  # atomic under the GIL; a sum does not mind the order
+        histogram = np.zeros(256, dtype=np.int64)
+        zero, large, inf = mxfp4_compiled.count_blocks(
+            words[first:last], flat_scales[first:last], histogram, INF_SCALE, HALF_INF_SCALE
+        )
+        parts.append((histogram, zero, large, inf))  # atomic under the GIL; a sum does not mind the order
 
     in_parallel(count_range, words.shape[0], _COUNT_CHUNK_BLOCKS)
-    for histogram, zero, large in parts:
-        total.scale_histogram += histogram
+    total = BlockCounts.empty()
+    for histogram, zero, large, inf in parts:
+        total.scale_histogram += torch.from_numpy(histogram)
         total.zero += zero
         total.second_encoding -= zero + large
+        total.inf += inf
     total.second_encoding += words.shape[0]
     return total
