@@ -140,15 +140,31 @@ def write_expert_weight(
     shown each slice with its MXFP4 blocks and scales."""
     if precision is Precision.MXFP4:
         blocks_spec, scales_spec = weight.packed_specs()
-        blocks = torch.empty(blocks_spec.shape[1:], dtype=torch.uint8)
-        scales = torch.empty(scales_spec.shape[1:], dtype=torch.uint8)
-        for expert, matrix in enumerate(slices):
+        source = iter(slices)
+
+        def encode(expert: int, out: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            matrix = next(source)
             try:
-                mxfp4.encode(matrix, rule, out=(blocks, scales))
+                mxfp4.encode(matrix, rule, out=out)
             except mxfp4.NonFiniteError as error:
                 raise CheckpointError(f"{weight.float_name} expert {expert}: {error}", source_file) from None
             if encoded is not None:
-                encoded(matrix, blocks, scales)
+                encoded(matrix, *out)
+            return out
+
+        # Encoded on a thread of their own while this one writes: a write can wait on the disk's dirty-page
+        # limit, and the next expert's encoding should not wait with it.
+        packed = ring_prefetch(
+            encode,
+            weight.num_experts,
+            ring(
+                lambda: (
+                    torch.empty(blocks_spec.shape[1:], dtype=torch.uint8),
+                    torch.empty(scales_spec.shape[1:], dtype=torch.uint8),
+                )
+            ),
+        )
+        for expert, (blocks, scales) in enumerate(packed):
             writer.write(weight.blocks, blocks, expert * blocks.numel())
             writer.write(weight.scales, scales, expert * scales.numel())
         return
