@@ -155,6 +155,22 @@ def test_truncated_file(checkpoints, copy_of):
         open_checkpoint(folder)
 
 
+def test_mapped_expert_equals_the_read_one_and_a_file_cut_after_opening_is_an_error(checkpoints, copy_of):
+    """Experts are mapped from the page cache for the encoder and inspect --stats: the bytes are those a read
+    gives, and a file cut short after it was opened gives an error, not a SIGBUS from reading past its end."""
+    folder = copy_of(checkpoints["hf-bf16"])
+    ckpt = open_checkpoint(folder)
+    weight = ckpt.expert_weights[-1]
+    last = weight.num_experts - 1
+    mapped = ckpt.map_rows(weight.float_name, last)
+    assert mapped.dtype == torch.bfloat16 and mapped.shape == ckpt.get_rows(weight.float_name, last).shape
+    assert torch.equal(mapped.view(torch.int16), ckpt.get_rows(weight.float_name, last).view(torch.int16))
+    info = ckpt.info(weight.float_name)
+    os.truncate(info.file, info.offset + info.nbytes - 1)
+    with pytest.raises(CheckpointError, match=rf"{info.file.name}: file ended inside tensor {weight.float_name}"):
+        ckpt.map_rows(weight.float_name, last)
+
+
 def test_header_that_lies_about_offsets(checkpoints, copy_of):
     folder = copy_of(checkpoints["openai-mxfp4"])
     file = folder / "model.safetensors"
