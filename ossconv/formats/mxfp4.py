@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from fractions import Fraction
 
 import numpy as np
 import torch
@@ -59,7 +58,6 @@ RULES = ("up", "floor")
 INF_SCALE = 255
 HALF_INF_SCALE = 254
 HALF_INF_MIN_CODE = 4  # bit 2 of a magnitude: the compiled counts test that bit
-_BF16_INF_BITS = 0x7F80
 # Rows of 32 elements handled per step: bounds temporary memory to a few MB whatever the tensor size.
 _CHUNK_BLOCKS = 1 << 15
 # bf16 fast path: q exponents 2^-3 .. 2^3 get a code of their own (below: code 0, above: saturated code 7).
@@ -77,17 +75,6 @@ class NonFiniteError(ValueError):
         self.count = count
         self.first_index = first_index
         super().__init__(f"{count} NaN/Inf value(s) (first at flat index {first_index}) cannot be encoded as MXFP4")
-
-
-def fp4_code(value: Fraction) -> int:
-    """Code magnitude (0-7) of a non-negative exact value: round to nearest, ties to even code, saturate."""
-    magnitudes = [Fraction(v) for v in FP4_VALUES[:8]]
-    best = 0
-    for code, mag in enumerate(magnitudes):
-        d_best, d = abs(value - magnitudes[best]), abs(value - mag)
-        if d < d_best or (d == d_best and code % 2 == 0):
-            best = code
-    return best
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -199,7 +186,8 @@ def bf16_block_tables(rule: str) -> tuple[np.ndarray, np.ndarray]:
     scale_exp = scale_byte - E8M0_BIAS
     if rule == "floor":
         scale_exp = scale_exp.clamp(min=-126)  # torchao's divisor is never below 2^-126
-    # q's biased exponent is e - scale_exp, so (its unbiased exponent + 3) * 128 = (e - offset / 128).
+    # An element's |bits| is e * 128 + mantissa (e its biased exponent); q's unbiased exponent is
+    # e - 127 - scale_exp, so |bits| - offset = (q's unbiased exponent + 3) * 128 + mantissa.
     offset = (scale_exp + E8M0_BIAS + _FAST_MIN_EXP) << 7
     offset[0] = mxfp4_compiled.MAGNITUDE + 1
     offset[1:][scale_exp[1:] < _FAST_MIN_SCALE_EXP] = mxfp4_compiled.SLOW
@@ -299,36 +287,39 @@ def _encode_bf16(x: torch.Tensor, rule: str, blocks: torch.Tensor, scales: torch
 
     scale_bytes, offsets = bf16_block_tables(rule)
     slow: list[int] = []
+
+    def check(result: tuple[int, int]) -> None:
+        failed, found = result  # the first block holding NaN/Inf (or -1), the blocks needing fp32
+        slow.append(found)
+        if failed >= 0:
+            raise _NonFiniteInput
+
     if x.ndim == 2 and not x.is_contiguous() and x.mT.is_contiguous():  # HF's [in, out] expert, read in place
         matrix = x
         stored = x.mT.view(torch.int16).numpy().view(np.uint16)
         rows_out = blocks.view(x.shape[0], -1, BYTES_PER_BLOCK).numpy()
         scales_out = scales.view(x.shape[0], -1).numpy()
-
-        def encode_range(first: int, last: int) -> None:
-            failed, found = mxfp4_compiled.encode_columns(
-                stored, first, last, scale_bytes, offsets, rows_out, scales_out
-            )
-            slow.append(found)
-            if failed >= 0:
-                raise _NonFiniteInput
-
-        in_parallel(encode_range, x.shape[0], max(1, _CHUNK_BLOCKS * BLOCK_SIZE // x.shape[1]))
+        in_parallel(
+            lambda first, last: check(
+                mxfp4_compiled.encode_columns(stored, first, last, scale_bytes, offsets, rows_out, scales_out)
+            ),
+            x.shape[0],
+            max(1, _CHUNK_BLOCKS * BLOCK_SIZE // x.shape[1]),
+        )
     else:
         matrix = x.reshape(-1, x.shape[-1])  # a copy only when x is some other view
         bits = matrix.view(torch.int16).numpy().view(np.uint16).reshape(-1, BLOCK_SIZE)
         flat_blocks = blocks.view(-1, BYTES_PER_BLOCK).numpy()
         flat_scales = scales.view(-1).numpy()
-
-        def encode_range(first: int, last: int) -> None:
-            failed, found = mxfp4_compiled.encode_rows(
-                bits[first:last], scale_bytes, offsets, flat_blocks[first:last], flat_scales[first:last]
-            )
-            slow.append(found)
-            if failed >= 0:
-                raise _NonFiniteInput
-
-        in_parallel(encode_range, bits.shape[0], _CHUNK_BLOCKS)
+        in_parallel(
+            lambda first, last: check(
+                mxfp4_compiled.encode_rows(
+                    bits[first:last], scale_bytes, offsets, flat_blocks[first:last], flat_scales[first:last]
+                )
+            ),
+            bits.shape[0],
+            _CHUNK_BLOCKS,
+        )
     if sum(slow):
         _encode_tiny_blocks(matrix, rule, blocks.view(-1, BYTES_PER_BLOCK), scales.view(-1))
 
