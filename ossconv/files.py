@@ -109,20 +109,25 @@ def check_regular(path: Path, folder: Path | None = None) -> None:
         raise CheckpointError("symlink points outside the checkpoint folder", path)
 
 
+def _row_bytes(info: TensorInfo, start: int, stop: int) -> tuple[int, int]:
+    """(absolute offset, byte count) of rows ``start:stop`` along the first axis of a stored tensor."""
+    rows = info.shape[0] if info.shape else 1
+    row_bytes = info.nbytes // rows if rows else 0
+    return info.offset + start * row_bytes, (stop - start) * row_bytes
+
+
 def read_rows(info: TensorInfo, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``start:stop`` (first axis) of a stored tensor, read with one ``pread`` at offsets the header
     gave: no header is parsed again and no memory map stays behind. ``out``, a contiguous uint8 buffer of at
     least that many bytes, is filled and viewed instead of a new tensor: a loop that reads thousands of expert
     slices into a few reused buffers skips a fresh allocation's page faults for every one of them."""
-    rows = info.shape[0] if info.shape else 1
-    row_bytes = info.nbytes // rows if rows else 0
-    count = (stop - start) * row_bytes
+    position, count = _row_bytes(info, start, stop)
     if out is not None and (out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() < count):
         raise ValueError(f"a read buffer for {info.name} must be contiguous uint8 of at least {count} bytes")
     fd = os.open(info.file, os.O_RDONLY)
     try:
         data = torch.empty(count, dtype=torch.uint8) if out is None else out.view(-1)[:count]
-        view, position, done = memoryview(data.numpy()), info.offset + start * row_bytes, 0
+        view, done = memoryview(data.numpy()), 0
         while done < count:
             got = os.preadv(fd, [view[done:]], position + done)
             if got == 0:
@@ -145,12 +150,9 @@ def map_rows(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
     GB: 1.7-2.2 s of system time with ``pread``, 0.1 s mapped, and a second less wall time). The pages are
     faulted in here, on the caller's (prefetch) thread, in one call where the kernel can; the mapping is
     private (writes never reach the file) and lives as long as the returned tensor."""
-    rows = info.shape[0] if info.shape else 1
-    row_bytes = info.nbytes // rows if rows else 0
-    count = (stop - start) * row_bytes
+    position, count = _row_bytes(info, start, stop)
     if count == 0:
         return read_rows(info, start, stop)
-    position = info.offset + start * row_bytes
     aligned = position - position % mmap.ALLOCATIONGRANULARITY
     try:
         with open(info.file, "rb") as handle:

@@ -340,20 +340,6 @@ def _encode_tiny_blocks(matrix: torch.Tensor, rule: str, blocks: torch.Tensor, s
 # ---------------------------------------------------------------------------------------------- statistics
 
 
-def inf_blocks(scales: torch.Tensor, largest_code: torch.Tensor) -> torch.Tensor:
-    """Which blocks decode to +-Inf in bf16/fp32, from their scale bytes and :func:`max_code_magnitude`."""
-    return ((scales == INF_SCALE) & (largest_code > 0)) | (
-        (scales == HALF_INF_SCALE) & (largest_code >= HALF_INF_MIN_CODE)
-    )
-
-
-def max_code_magnitude(blocks: torch.Tensor) -> torch.Tensor:
-    """Largest |code| (0-7) per block of ``[..., G, 16]``: below 6 (value 4.0) a block has a second encoding."""
-    low = blocks & 0x07
-    high = (blocks >> 4) & 0x07
-    return torch.maximum(low, high).amax(-1)
-
-
 _COUNT_CHUNK_BLOCKS = 1 << 16  # blocks per range of work for the threads
 
 
@@ -382,8 +368,8 @@ def count_blocks(blocks: torch.Tensor, scales: torch.Tensor) -> BlockCounts:
 
     A block is two 64-bit words of 16 codes each, so "all magnitudes zero", "some magnitude >= 6" and
     "some magnitude >= 4" (:data:`HALF_INF_MIN_CODE`) are a few word-wide operations per block in one
-    compiled pass (:func:`ossconv.formats.mxfp4_compiled.count_blocks`). Equal to counting
-    :func:`max_code_magnitude`.
+    compiled pass (:func:`ossconv.formats.mxfp4_compiled.count_blocks`). The tests check it against
+    counting each block's largest |code| one code at a time.
     """
     from ossconv.formats import mxfp4_compiled
 
