@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ossconv.errors import CheckpointError
-from ossconv.files import TensorInfo, inside_folder, map_rows, read_folder_tensors, read_json, read_rows
+from ossconv.files import (
+    TensorInfo,
+    cached_fraction,
+    inside_folder,
+    map_rows,
+    read_folder_tensors,
+    read_json,
+    read_rows,
+    read_rows_direct,
+)
 from ossconv.formats import layouts, mxfp4
 from ossconv.formats.config import ModelConfig
 from ossconv.formats.precision import Precision
@@ -133,6 +142,21 @@ class Checkpoint:
             part = self._piece(name, expert)
             return map_rows(part, 0, part.shape[0] if part.shape else 1).view(1, *self.info(name).shape[1:])
         return map_rows(self.info(name), expert, expert + 1)
+
+    def read_direct(self, name: str, expert: int, out: torch.Tensor) -> torch.Tensor:
+        """One expert of a fused expert tensor as :meth:`get_rows` gives it, read past the page cache into
+        ``out`` (see :func:`ossconv.files.read_rows_direct`): for bytes a consumer reads once, not cached."""
+        if name in self.pieces:
+            part = self._piece(name, expert)
+            rows = part.shape[0] if part.shape else 1
+            return read_rows_direct(part, 0, rows, out).view(1, *self.info(name).shape[1:])
+        return read_rows_direct(self.info(name), expert, expert + 1, out)
+
+    def cached(self, weight: layouts.ExpertWeight) -> float:
+        """The fraction of an expert weight's stored bytes in the page cache now."""
+        ranges = self.stored(weight)
+        total = sum(nbytes for _, _, nbytes in ranges)
+        return sum(cached_fraction(*r) * r[2] for r in ranges) / total if total else 1.0
 
     def stored(self, source: str | layouts.ExpertWeight) -> list[tuple[Path, int, int]]:
         """The byte ranges (file, offset, size) that hold a canonical dense tensor or an expert weight, for

@@ -3,6 +3,7 @@ outputs appear only when complete, and unsafe or broken inputs are refused with 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 from ossconv.checkpoint import open_checkpoint
 from ossconv.errors import CheckpointError, OutputExistsError
+from ossconv.files import cached_fraction, direct_buffer
 from ossconv.formats.layouts import TensorSpec
 from ossconv.units import parse_size
 from ossconv.writer import CheckpointWriter
@@ -169,6 +171,51 @@ def test_mapped_expert_equals_the_read_one_and_a_file_cut_after_opening_is_an_er
     os.truncate(info.file, info.offset + info.nbytes - 1)
     with pytest.raises(CheckpointError, match=rf"{info.file.name}: file ended inside tensor {weight.float_name}"):
         ckpt.map_rows(weight.float_name, last)
+
+
+@pytest.mark.parametrize("o_direct", ["used", "refused by the file system"])
+def test_direct_read_equals_the_read_one_at_any_offset_and_a_short_file_is_an_error(
+    checkpoints, copy_of, monkeypatch, o_direct
+):
+    """Cold float experts are read past the page cache into an aligned buffer: the bytes are those a read
+    gives wherever the tensor starts (the sharded fixture puts them at odd offsets), also where the file
+    system refuses O_DIRECT, and a file cut short is an error."""
+    folder = copy_of(checkpoints["hf-bf16"])
+    ckpt = open_checkpoint(folder)
+    if o_direct != "used":
+        real_open = os.open
+
+        def refuse_direct(path, flags, *args):  # noqa: ANN001, ANN202
+            if flags & getattr(os, "O_DIRECT", 0):
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *args)
+
+        monkeypatch.setattr(os, "open", refuse_direct)
+    offsets = set()
+    for weight in ckpt.expert_weights:
+        info = ckpt.info(weight.float_name)
+        buffer = direct_buffer(info.nbytes // weight.num_experts)
+        for expert in range(weight.num_experts):
+            direct = ckpt.read_direct(weight.float_name, expert, buffer)
+            read = ckpt.get_rows(weight.float_name, expert)
+            assert direct.dtype == read.dtype and direct.shape == read.shape
+            assert torch.equal(direct.view(torch.int16), read.view(torch.int16)), (weight.float_name, expert)
+            offsets.add((info.offset + expert * info.nbytes // weight.num_experts) % 4096)
+    assert len(offsets) >= 3  # the reads really started at different alignments
+    with pytest.raises(ValueError, match="needs a direct_buffer"):
+        ckpt.read_direct(weight.float_name, 0, direct_buffer(16))
+    os.truncate(info.file, info.offset + info.nbytes - 1)
+    with pytest.raises(CheckpointError, match=rf"{info.file.name}: file ended inside tensor {weight.float_name}"):
+        ckpt.read_direct(weight.float_name, weight.num_experts - 1, buffer)
+
+
+def test_cached_fraction_of_a_file_just_read_is_all_of_it(checkpoints):
+    ckpt = open_checkpoint(checkpoints["hf-bf16"])
+    weight = ckpt.expert_weights[0]
+    info = ckpt.info(weight.float_name)
+    info.file.read_bytes()
+    assert cached_fraction(info.file, info.offset, info.nbytes) == 1.0
+    assert ckpt.cached(weight) == 1.0
 
 
 def test_header_that_lies_about_offsets(checkpoints, copy_of):

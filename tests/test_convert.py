@@ -83,6 +83,28 @@ def test_hf_bf16_to_openai_mxfp4_loads_in_the_openai_reference(source, tmp_path)
     assert_byte_identical(source, tmp_path / "openai")  # synthetic blocks are canonical: bytes come back
 
 
+@pytest.mark.parametrize("name", ["hf-bf16", "openai-bf16"])
+def test_cold_float_experts_are_read_past_the_page_cache_to_the_same_bytes(checkpoints, monkeypatch, name, tmp_path):
+    """Float experts not in the page cache go to the MXFP4 encoder by direct reads (HF's transposed ones in
+    place), and are not also hinted into the page cache: the output is the cached path's, byte for byte."""
+    from ossconv import files
+    from ossconv.checkpoint import Checkpoint
+
+    reads, hinted = [], []
+    read_direct = Checkpoint.read_direct
+    monkeypatch.setattr(Checkpoint, "cached", lambda self, weight: 0.0)
+    monkeypatch.setattr(Checkpoint, "read_direct", lambda self, *a: reads.append(a[:2]) or read_direct(self, *a))
+    monkeypatch.setattr(files, "will_need", lambda ranges: hinted.extend(ranges))
+    convert(checkpoints[name], tmp_path / "cold", to="openai", dtype="mxfp4")
+    assert_byte_identical(checkpoints["openai-mxfp4"], tmp_path / "cold")  # synthetic blocks come back exactly
+    ckpt = open_checkpoint(checkpoints[name])
+    assert sorted(reads) == sorted((w.float_name, e) for w in ckpt.expert_weights for e in range(w.num_experts))
+    experts = [(info.file, info.offset, info.offset + info.nbytes) for info in map(ckpt.info, dict(reads))]
+    assert hinted and not any(
+        f == file and o < end and o + n > start for f, o, n in hinted for file, start, end in experts
+    )
+
+
 @pytest.mark.parametrize(
     ("name", "layout", "dtype"),
     [

@@ -5,6 +5,7 @@ Peak memory is one expert slice plus small buffers, whatever the size of the mod
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +17,7 @@ from ossconv.checkpoint import Checkpoint
 from ossconv.convert.plan import Copy, Merge, Plan, Reencode, Repack, Step
 from ossconv.convert.target import ConversionResult, WriteOptions
 from ossconv.errors import CheckpointError
-from ossconv.files import ReadAhead
+from ossconv.files import ReadAhead, direct_buffer
 from ossconv.formats import mxfp4
 from ossconv.formats.layouts import ExpertWeight
 from ossconv.formats.precision import Precision
@@ -30,7 +31,12 @@ def execute(plan: Plan, writer: CheckpointWriter) -> list[dict[str, object]]:
     """Write every planned tensor into ``writer`` (which was opened with ``plan.specs``); returns what merging
     adapters did to each tensor it touched (empty without adapters)."""
     merged: list[dict[str, object]] = []
-    with ReadAhead([_step_ranges(plan.source, step) for step in plan.steps]) as read_ahead:
+    direct = [_reads_direct(plan, step) for step in plan.steps]
+    ranges = [
+        [] if past_cache else _step_ranges(plan.source, step)
+        for step, past_cache in zip(plan.steps, direct, strict=True)
+    ]
+    with ReadAhead(ranges) as read_ahead:
         for index, step in enumerate(plan.steps):
             read_ahead.reached(index)
             if isinstance(step, Copy):
@@ -45,10 +51,27 @@ def execute(plan: Plan, writer: CheckpointWriter) -> list[dict[str, object]]:
             elif isinstance(step, Repack):
                 _repack(plan, step, writer)
             else:
-                report = _reencode(plan, step, writer)
+                report = _reencode(plan, step, writer, direct=direct[index])
                 if report:
                     merged.append(report)
     return merged
+
+
+def _reads_direct(plan: Plan, step: Step) -> bool:
+    """Whether a step reads its experts past the page cache (:meth:`Checkpoint.read_direct`): float experts
+    encoded to MXFP4 as they are stored, read once, and not (mostly) cached already. Such a step gets no
+    read-ahead hints; its own reads run ahead on the prefetch thread."""
+    ckpt = plan.source
+    return (
+        isinstance(step, Reencode)
+        and isinstance(ckpt, Checkpoint)
+        and plan.target.precision is Precision.MXFP4
+        and ckpt.precision.is_float
+        and not any((step.source.layer, step.source.proj) in a.experts for a in plan.target.adapters)
+        and step.source.float_name in ckpt.tensors
+        and ckpt.info(step.source.float_name).dtype == ckpt.precision.torch_dtype
+        and ckpt.cached(step.source) < 0.5
+    )
 
 
 def _step_ranges(ckpt: Checkpoint, step: Step) -> list[tuple[Path, int, int]]:
@@ -95,14 +118,24 @@ def run(
 
 
 def expert_slices(
-    ckpt: Checkpoint, weight: ExpertWeight, dtype: torch.dtype, *, stored_views: bool = False
+    ckpt: Checkpoint, weight: ExpertWeight, dtype: torch.dtype, *, stored_views: bool = False, direct: bool = False
 ) -> Iterator[torch.Tensor]:
     """Each expert's weight as ``[out, in]`` of ``dtype`` (MXFP4 decoded, HF floats un-transposed), read and
     decoded ahead on a second thread while the current one is written. A slice is valid until the next one
     is taken. With ``stored_views``, float experts stored in ``dtype`` come as views of the page cache
     (:meth:`Checkpoint.map_rows`), HF's transposed: the MXFP4 encoder reads them in place, where a copy out
-    of the page cache, and HF's transpose, would cost as much CPU as the encoding."""
+    of the page cache, and HF's transpose, would cost as much CPU as the encoding. With ``direct`` too, they
+    are read past the page cache into a ring of reused buffers instead (:meth:`Checkpoint.read_direct`; for
+    experts not cached already: 8 layers of 20b shape, cold, 21 s -> 16-18 s, at 0.9x the disk reading them
+    while it writes the output)."""
     if stored_views and weight.float_name in ckpt.tensors and ckpt.info(weight.float_name).dtype == dtype:
+        if direct:
+            per_expert = math.prod(ckpt.info(weight.float_name).shape[1:]) * dtype.itemsize
+            return ring_prefetch(
+                lambda expert, out: weight.from_stored(ckpt.read_direct(weight.float_name, expert, out)[0]),
+                weight.num_experts,
+                ring(lambda: direct_buffer(per_expert)),
+            )
         return prefetch(
             (weight.from_stored(ckpt.map_rows(weight.float_name, expert)[0]) for expert in range(weight.num_experts)),
             depth=READ_AHEAD,
@@ -235,7 +268,9 @@ def _source_file(ckpt: Checkpoint, weight: ExpertWeight) -> Path:
     return ckpt.info(stored).file if stored in ckpt.tensors else ckpt.path
 
 
-def _reencode(plan: Plan, step: Reencode, writer: CheckpointWriter) -> dict[str, object] | None:
+def _reencode(
+    plan: Plan, step: Reencode, writer: CheckpointWriter, *, direct: bool = False
+) -> dict[str, object] | None:
     ckpt, target = plan.source, plan.target
     source_file = _source_file(ckpt, step.source)
     if any((step.source.layer, step.source.proj) in a.experts for a in target.adapters):
@@ -255,6 +290,6 @@ def _reencode(plan: Plan, step: Reencode, writer: CheckpointWriter) -> dict[str,
         dtype = ckpt.precision.torch_dtype if ckpt.precision.is_float else torch.float32
     else:
         dtype = target.precision.torch_dtype
-    slices = expert_slices(ckpt, step.source, dtype, stored_views=target.precision is Precision.MXFP4)
+    slices = expert_slices(ckpt, step.source, dtype, stored_views=target.precision is Precision.MXFP4, direct=direct)
     write_expert_weight(writer, step.target, target.precision, slices, rule=target.rule, source_file=source_file)
     return None
