@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ossconv import direct_io
 from ossconv.errors import CheckpointError
 from ossconv.formats import layouts
 from ossconv.formats.precision import TORCH_DTYPES
@@ -171,38 +172,21 @@ def map_rows(info: TensorInfo, start: int, stop: int) -> torch.Tensor:
     return data.view(info.dtype).view(stop - start, *info.shape[1:])
 
 
-DIRECT_ALIGN = 4096  # O_DIRECT wants offsets, sizes and addresses on the device's logical block; 4096 fits all
-
-
-def direct_buffer(nbytes: int) -> torch.Tensor:
-    """A page-aligned uint8 buffer for :func:`read_rows_direct` of up to ``nbytes`` at any offset, touched
-    once here so that no read into it faults a page in again."""
-    size = -(-(nbytes + 2 * DIRECT_ALIGN) // DIRECT_ALIGN) * DIRECT_ALIGN
-    mapping = mmap.mmap(-1, size)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        mapping.madvise(mmap.MADV_HUGEPAGE)
-    buffer = torch.from_numpy(np.frombuffer(mapping, dtype=np.uint8))
-    buffer.fill_(0)
-    return buffer
-
-
 def read_rows_direct(info: TensorInfo, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-    """:func:`read_rows` past the page cache (``O_DIRECT``), into ``out`` from :func:`direct_buffer`: for
-    bytes read once and not cached. Buffered reads and maps put every byte in pages the kernel has just
-    allocated, and the first touch of such a page is slow where the memory is virtual (cold bf16 experts
-    of 20b shape: 21-34 ms each to encode, mapped, against 11-13 ms from a reused buffer); reused buffers
-    skip that, the kernel's copy, and the eviction of the user's own cached files. Where the file system
-    refuses ``O_DIRECT`` the read is buffered."""
+    """:func:`read_rows` past the page cache (:mod:`ossconv.direct_io`), into ``out`` from
+    :func:`~ossconv.direct_io.direct_buffer`: for bytes read once and not cached. Mapped, cold bf16 experts
+    of 20b shape took 21-34 ms each to encode, from a reused buffer 11-13 ms. Where the file system refuses
+    ``O_DIRECT`` the read is buffered."""
     position, count = _row_bytes(info, start, stop)
-    first = position - position % DIRECT_ALIGN
-    length = -(-(position + count - first) // DIRECT_ALIGN) * DIRECT_ALIGN
-    if out.numel() < length or out.data_ptr() % DIRECT_ALIGN:
+    first = position - position % direct_io.ALIGN
+    length = direct_io.round_up(position + count - first)
+    if out.numel() < length or out.data_ptr() % direct_io.ALIGN:
         raise ValueError(f"a direct read of {info.name} needs a direct_buffer of at least {length} bytes")
     try:
-        fd = os.open(info.file, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+        fd = direct_io.open_direct(info.file, os.O_RDONLY)
     except OSError as error:
-        if error.errno != errno.EINVAL:
-            raise CheckpointError(f"cannot read {info.name}: {error.strerror}", info.file) from None
+        raise CheckpointError(f"cannot read {info.name}: {error.strerror}", info.file) from None
+    if fd is None:
         return read_rows(info, start, stop, out)
     try:
         view, done = memoryview(out.numpy())[:length], 0

@@ -10,11 +10,12 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from ossconv.checkpoint import open_checkpoint
+from ossconv.direct_io import direct_buffer
 from ossconv.errors import CheckpointError, OutputExistsError
-from ossconv.files import cached_fraction, direct_buffer
+from ossconv.files import cached_fraction, tensor_infos
 from ossconv.formats.layouts import TensorSpec
 from ossconv.units import parse_size
 from ossconv.writer import CheckpointWriter
@@ -55,6 +56,52 @@ def test_parts_written_at_offsets_make_the_whole_tensor(tmp_path):
             writer.write("w", whole[row], row * 6 * 4)
         writer.finish({})
     assert torch.equal(load_file(tmp_path / "out" / "model.safetensors")["w"], whole)
+
+
+@pytest.mark.parametrize("o_direct", ["used", "refused by the file system"])
+def test_direct_streams_write_the_planned_bytes_around_copies_and_partial_blocks(tmp_path, monkeypatch, o_direct):
+    """Written tensor bytes go past the page cache in whole blocks, staged per run of consecutive writes;
+    the partial blocks at a run's ends go through the cache. Here: small chunks and two streams, so that
+    MXFP4-like blocks and scales written alternately, a tensor written backwards (a new run per row, each
+    starting mid-block) and a kernel copy between them all cross chunk and block boundaries."""
+    from ossconv import direct_io
+
+    monkeypatch.setattr(direct_io, "STREAM_CHUNK", 3 * direct_io.ALIGN)
+    monkeypatch.setattr(direct_io, "STREAMS", 2)
+    if o_direct != "used":
+        monkeypatch.setattr(direct_io, "open_direct", lambda path, flags: None)
+    direct_writes = []
+    write_direct = direct_io.DirectWrites._write_direct
+    monkeypatch.setattr(
+        direct_io.DirectWrites, "_write_direct", lambda self, *a: direct_writes.append(a[2]) or write_direct(self, *a)
+    )
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "blocks": torch.randint(0, 256, (6, 20011), generator=g, dtype=torch.uint8),
+        "copied": torch.randn(777, generator=g),
+        "scales": torch.randint(0, 256, (6, 301), generator=g, dtype=torch.uint8),
+        "backwards": torch.randn(9, 1001, generator=g).to(torch.bfloat16),
+    }
+    source = tmp_path / "source.safetensors"
+    save_file({"copied": tensors["copied"]}, source)
+    copied = tensor_infos(source)["copied"]
+    with CheckpointWriter(tmp_path / "out", specs_of(tensors)) as writer:
+        for expert in range(6):
+            writer.write("blocks", tensors["blocks"][expert], expert * 20011)
+            writer.write("scales", tensors["scales"][expert], expert * 301)
+            if expert == 2:
+                writer.copy("copied", copied)
+        for row in reversed(range(9)):
+            writer.write("backwards", tensors["backwards"][row], row * 1001 * 2)
+        writer.finish({})
+    loaded = load_file(tmp_path / "out" / "model.safetensors")
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name].view(torch.uint8), tensor.view(torch.uint8)), name
+    assert all(position % direct_io.ALIGN == 0 for position in direct_writes)
+    if o_direct == "used" and direct_io.open_direct(tmp_path / "probe", os.O_WRONLY | os.O_CREAT) is not None:
+        assert len(direct_writes) >= 6  # the blocks alone fill several chunks
+    else:
+        assert not direct_writes
 
 
 def test_size_sharding_with_index(tmp_path):

@@ -16,8 +16,9 @@ from ossconv.adapters import expert_delta_norm, merge_expert, merge_rows, releas
 from ossconv.checkpoint import Checkpoint
 from ossconv.convert.plan import Copy, Merge, Plan, Reencode, Repack, Step
 from ossconv.convert.target import ConversionResult, WriteOptions
+from ossconv.direct_io import direct_buffer
 from ossconv.errors import CheckpointError
-from ossconv.files import ReadAhead, direct_buffer
+from ossconv.files import ReadAhead
 from ossconv.formats import mxfp4
 from ossconv.formats.layouts import ExpertWeight
 from ossconv.formats.precision import Precision

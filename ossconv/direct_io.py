@@ -1,0 +1,145 @@
+"""Bytes moved once, past the page cache (``O_DIRECT``), through reused aligned buffers.
+
+Why: a checkpoint is read once and written once, and the page cache only costs CPU on the way. A buffered
+write copies every byte into a page the kernel has just allocated, then the kernel's flusher writes it out
+on one thread; a buffered read fills fresh pages that are slow to touch first on a virtual machine. 8 layers
+of 20b shape to HF bf16 (15.4 GB written) took 27 s of system time buffered. Direct I/O moves the bytes
+between the disk and buffers that stay mapped, and leaves the user's cached files where they were.
+
+``O_DIRECT`` wants file offsets, sizes and memory on the device's logical block; :data:`ALIGN` (4096) fits
+every common one. Bytes that do not fill a whole block (a tensor's unaligned start, a stream's last bytes)
+go through the ordinary file descriptor; a block is only ever written one way, so the two never overlap. A
+file system that refuses ``O_DIRECT`` gets buffered I/O.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ALIGN = 4096
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+STREAM_CHUNK = 16 << 20  # bytes staged per direct write
+STREAMS = 4  # sequential streams kept per file: MXFP4 blocks and scales are written alternately
+
+
+def round_up(value: int, to: int = ALIGN) -> int:
+    return -(-value // to) * to
+
+
+def direct_buffer(nbytes: int) -> torch.Tensor:
+    """A page-aligned uint8 buffer that holds ``nbytes`` starting at any offset within a block, in huge
+    pages where the kernel gives them, touched once here so that no I/O into it faults a page in again."""
+    mapping = mmap.mmap(-1, round_up(nbytes + 2 * ALIGN))
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        mapping.madvise(mmap.MADV_HUGEPAGE)
+    buffer = torch.from_numpy(np.frombuffer(mapping, dtype=np.uint8))
+    buffer.fill_(0)
+    return buffer
+
+
+def open_direct(path: str | Path, flags: int) -> int | None:
+    """A descriptor with ``O_DIRECT`` added, or None where the file system refuses it."""
+    if not O_DIRECT:
+        return None
+    try:
+        return os.open(path, flags | O_DIRECT)
+    except OSError as error:
+        if error.errno == errno.EINVAL:
+            return None
+        raise
+
+
+def pwrite_all(fd: int, data: memoryview, position: int) -> None:
+    while data:
+        count = os.pwrite(fd, data, position)
+        data, position = data[count:], position + count
+
+
+class _Stream:
+    def __init__(self, key: object, start: int, buffer: np.ndarray):
+        self.key = key  # the file
+        self.start = start  # file offset of the staged bytes, block-aligned
+        self.length = 0
+        self.buffer = buffer
+
+
+class DirectWrites:
+    """Writes to a few files past the page cache: each run of consecutive writes to a file is a stream,
+    staged in an aligned buffer and written in whole :data:`STREAM_CHUNK` pieces. At most :data:`STREAMS`
+    are staged at once (the least recently written is written out for a new one), so memory stays at
+    ``STREAMS * STREAM_CHUNK`` however many files. A file's ordinary descriptor takes its partial blocks."""
+
+    def __init__(self) -> None:
+        self.files: dict[object, tuple[int, int | None]] = {}  # key -> (ordinary fd, direct fd or None)
+        self.streams: list[_Stream] = []  # least recently written first
+        self.spare: list[np.ndarray] = []
+
+    def add(self, key: object, path: str | Path, fd: int) -> None:
+        """Take writes to ``key``: the file at ``path``, open as ``fd``."""
+        self.files[key] = (fd, open_direct(path, os.O_WRONLY))
+
+    def write(self, key: object, data: memoryview, position: int) -> None:
+        fd, direct_fd = self.files[key]
+        if direct_fd is None:
+            pwrite_all(fd, data, position)
+            return
+        stream = next((s for s in self.streams if s.key == key and s.start + s.length == position), None)
+        if stream is None:
+            head = min(-position % ALIGN, len(data))
+            pwrite_all(fd, data[:head], position)  # up to the next block boundary, through the cache
+            data, position = data[head:], position + head
+            if not data:
+                return
+            if len(self.streams) == STREAMS:
+                self._close(self.streams[0])
+            buffer = self.spare.pop() if self.spare else direct_buffer(STREAM_CHUNK).numpy()[:STREAM_CHUNK]
+            stream = _Stream(key, position, buffer)
+        else:
+            self.streams.remove(stream)
+        self.streams.append(stream)
+        while data:
+            count = min(STREAM_CHUNK - stream.length, len(data))
+            stream.buffer[stream.length : stream.length + count] = data[:count]
+            stream.length += count
+            data = data[count:]
+            if stream.length == STREAM_CHUNK:
+                self._write_direct(key, stream.buffer, stream.start)
+                stream.start += STREAM_CHUNK
+                stream.length = 0
+
+    def _write_direct(self, key: object, data: np.ndarray, position: int) -> None:
+        fd, direct_fd = self.files[key]
+        try:
+            pwrite_all(direct_fd, memoryview(data), position)
+        except OSError as error:
+            if error.errno != errno.EINVAL:
+                raise
+            pwrite_all(fd, memoryview(data), position)  # a device with blocks larger than ALIGN
+
+    def _close(self, stream: _Stream) -> None:
+        whole = stream.length - stream.length % ALIGN
+        if whole:
+            self._write_direct(stream.key, stream.buffer[:whole], stream.start)
+        pwrite_all(self.files[stream.key][0], memoryview(stream.buffer[whole : stream.length]), stream.start + whole)
+        self.streams.remove(stream)
+        self.spare.append(stream.buffer)
+
+    def flush(self) -> None:
+        """Write every staged byte."""
+        while self.streams:
+            self._close(self.streams[0])
+
+    def close(self) -> None:
+        """Close the direct descriptors, staged bytes unwritten (:meth:`flush` first to keep them); the
+        ordinary descriptors are the caller's."""
+        self.streams = []
+        for _, direct_fd in self.files.values():
+            if direct_fd is not None:
+                os.close(direct_fd)
+        self.files = {}
