@@ -55,6 +55,20 @@ def open_direct(path: str | Path, flags: int) -> int | None:
         raise
 
 
+def read_direct(fd: int, position: int, count: int, out: np.ndarray) -> memoryview:
+    """``count`` bytes at ``position`` of the file open as ``fd`` (with ``O_DIRECT``), read into ``out``
+    (from :func:`direct_buffer`, at least ``count + 2 * ALIGN`` bytes) by whole blocks; fewer where the
+    file ends first."""
+    first = position - position % ALIGN
+    view, done, wanted = memoryview(out)[: round_up(position + count - first)], 0, position + count - first
+    while done < wanted:
+        got = os.preadv(fd, [view[done:]], first + done)
+        if got == 0:
+            break
+        done += got
+    return view[position - first : min(done, wanted)]
+
+
 def pwrite_all(fd: int, data: memoryview, position: int) -> None:
     while data:
         count = os.pwrite(fd, data, position)

@@ -189,18 +189,15 @@ def read_rows_direct(info: TensorInfo, start: int, stop: int, out: torch.Tensor)
     if fd is None:
         return read_rows(info, start, stop, out)
     try:
-        view, done = memoryview(out.numpy())[:length], 0
-        while done < position + count - first:
-            got = os.preadv(fd, [view[done:]], first + done)
-            if got == 0:
-                raise CheckpointError(f"file ended inside tensor {info.name}", info.file)
-            done += got
+        got = len(direct_io.read_direct(fd, position, count, out.numpy()))
     except OSError as error:
         if error.errno != errno.EINVAL:
             raise CheckpointError(f"cannot read {info.name}: {error.strerror}", info.file) from None
         return read_rows(info, start, stop, out)
     finally:
         os.close(fd)
+    if got < count:
+        raise CheckpointError(f"file ended inside tensor {info.name}", info.file)
     data = out[position - first : position - first + count]
     return data.view(info.dtype).view(stop - start, *info.shape[1:])
 

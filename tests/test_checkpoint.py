@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ossconv import writer as writer_module
 from ossconv.checkpoint import open_checkpoint
 from ossconv.direct_io import direct_buffer
 from ossconv.errors import CheckpointError, OutputExistsError
@@ -68,6 +69,9 @@ def test_direct_streams_write_the_planned_bytes_around_copies_and_partial_blocks
 
     monkeypatch.setattr(direct_io, "STREAM_CHUNK", 3 * direct_io.ALIGN)
     monkeypatch.setattr(direct_io, "STREAMS", 2)
+    monkeypatch.setattr(writer_module, "COPY_BUFFER", 2 * direct_io.ALIGN)
+    monkeypatch.setattr(writer_module, "DIRECT_COPY_MIN", 1)
+    monkeypatch.setattr(writer_module, "cached_fraction", lambda *_: 0.0)  # copies read past the cache too
     if o_direct != "used":
         monkeypatch.setattr(direct_io, "open_direct", lambda path, flags: None)
     direct_writes = []
@@ -78,7 +82,7 @@ def test_direct_streams_write_the_planned_bytes_around_copies_and_partial_blocks
     g = torch.Generator().manual_seed(1)
     tensors = {
         "blocks": torch.randint(0, 256, (6, 20011), generator=g, dtype=torch.uint8),
-        "copied": torch.randn(777, generator=g),
+        "copied": torch.randn(5001, generator=g),
         "scales": torch.randint(0, 256, (6, 301), generator=g, dtype=torch.uint8),
         "backwards": torch.randn(9, 1001, generator=g).to(torch.bfloat16),
     }
@@ -89,8 +93,9 @@ def test_direct_streams_write_the_planned_bytes_around_copies_and_partial_blocks
         for expert in range(6):
             writer.write("blocks", tensors["blocks"][expert], expert * 20011)
             writer.write("scales", tensors["scales"][expert], expert * 301)
-            if expert == 2:
-                writer.copy("copied", copied)
+            if expert == 2:  # in two pieces, the second first, each starting mid-block on both sides
+                writer.copy("copied", copied, start=4 * 2999, offset=4 * 2999)
+                writer.copy("copied", copied, nbytes=4 * 2999)
         for row in reversed(range(9)):
             writer.write("backwards", tensors["backwards"][row], row * 1001 * 2)
         writer.finish({})
@@ -102,6 +107,10 @@ def test_direct_streams_write_the_planned_bytes_around_copies_and_partial_blocks
         assert len(direct_writes) >= 6  # the blocks alone fill several chunks
     else:
         assert not direct_writes
+    os.truncate(source, copied.offset + copied.nbytes - 1)
+    with CheckpointWriter(tmp_path / "again", specs_of({"copied": tensors["copied"]})) as writer:
+        with pytest.raises(CheckpointError, match=r"source.safetensors: file ended inside tensor copied"):
+            writer.copy("copied", copied)
 
 
 def test_size_sharding_with_index(tmp_path):
