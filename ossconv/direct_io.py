@@ -14,9 +14,11 @@ file system that refuses ``O_DIRECT`` gets buffered I/O.
 
 from __future__ import annotations
 
+import collections
 import errno
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,8 @@ import torch
 ALIGN = 4096
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 STREAM_CHUNK = 16 << 20  # bytes staged per direct write
-STREAMS = 4  # sequential streams kept per file: MXFP4 blocks and scales are written alternately
+STREAMS = 4  # runs of consecutive writes staged at once: MXFP4 blocks and scales are written alternately
+IN_FLIGHT = 2  # pieces being written while the next ones are staged
 
 
 def round_up(value: int, to: int = ALIGN) -> int:
@@ -85,14 +88,18 @@ class _Stream:
 
 class DirectWrites:
     """Writes to a few files past the page cache: each run of consecutive writes to a file is a stream,
-    staged in an aligned buffer and written in whole :data:`STREAM_CHUNK` pieces. At most :data:`STREAMS`
-    are staged at once (the least recently written is written out for a new one), so memory stays at
-    ``STREAMS * STREAM_CHUNK`` however many files. A file's ordinary descriptor takes its partial blocks."""
+    staged in an aligned buffer and written in whole :data:`STREAM_CHUNK` pieces on a thread of its own,
+    :data:`IN_FLIGHT` at a time, so that the disk writes one piece while the next is staged. At most
+    :data:`STREAMS` are staged at once (the least recently written is written out for a new one), so memory
+    stays at ``(STREAMS + IN_FLIGHT) * STREAM_CHUNK`` however many files. A file's ordinary descriptor takes
+    its partial blocks."""
 
     def __init__(self) -> None:
         self.files: dict[object, tuple[int, int | None]] = {}  # key -> (ordinary fd, direct fd or None)
         self.streams: list[_Stream] = []  # least recently written first
         self.spare: list[np.ndarray] = []
+        self.pending: collections.deque[tuple[Future, np.ndarray]] = collections.deque()
+        self.io = ThreadPoolExecutor(1, thread_name_prefix="ossconv-direct-write")
 
     def add(self, key: object, path: str | Path, fd: int) -> None:
         """Take writes to ``key``: the file at ``path``, open as ``fd``."""
@@ -112,8 +119,7 @@ class DirectWrites:
                 return
             if len(self.streams) == STREAMS:
                 self._close(self.streams[0])
-            buffer = self.spare.pop() if self.spare else direct_buffer(STREAM_CHUNK).numpy()[:STREAM_CHUNK]
-            stream = _Stream(key, position, buffer)
+            stream = _Stream(key, position, self._buffer())
         else:
             self.streams.remove(stream)
         self.streams.append(stream)
@@ -123,9 +129,24 @@ class DirectWrites:
             stream.length += count
             data = data[count:]
             if stream.length == STREAM_CHUNK:
-                self._write_direct(key, stream.buffer, stream.start)
-                stream.start += STREAM_CHUNK
-                stream.length = 0
+                self._submit(key, stream.buffer, stream.buffer, stream.start)
+                stream.buffer, stream.start, stream.length = self._buffer(), stream.start + STREAM_CHUNK, 0
+
+    def _buffer(self) -> np.ndarray:
+        if not self.spare and len(self.pending) >= IN_FLIGHT:
+            self._retire()
+        return self.spare.pop() if self.spare else direct_buffer(STREAM_CHUNK).numpy()[:STREAM_CHUNK]
+
+    def _submit(self, key: object, buffer: np.ndarray, data: np.ndarray, position: int) -> None:
+        """Write ``data`` (whole blocks of ``buffer``) on the I/O thread; ``buffer`` is spare once done."""
+        while len(self.pending) >= IN_FLIGHT:
+            self._retire()
+        self.pending.append((self.io.submit(self._write_direct, key, data, position), buffer))
+
+    def _retire(self) -> None:
+        future, buffer = self.pending.popleft()
+        self.spare.append(buffer)
+        future.result()
 
     def _write_direct(self, key: object, data: np.ndarray, position: int) -> None:
         fd, direct_fd = self.files[key]
@@ -137,22 +158,27 @@ class DirectWrites:
             pwrite_all(fd, memoryview(data), position)  # a device with blocks larger than ALIGN
 
     def _close(self, stream: _Stream) -> None:
-        whole = stream.length - stream.length % ALIGN
-        if whole:
-            self._write_direct(stream.key, stream.buffer[:whole], stream.start)
-        pwrite_all(self.files[stream.key][0], memoryview(stream.buffer[whole : stream.length]), stream.start + whole)
         self.streams.remove(stream)
-        self.spare.append(stream.buffer)
+        whole = stream.length - stream.length % ALIGN
+        pwrite_all(self.files[stream.key][0], memoryview(stream.buffer[whole : stream.length]), stream.start + whole)
+        if whole:
+            self._submit(stream.key, stream.buffer, stream.buffer[:whole], stream.start)
+        else:
+            self.spare.append(stream.buffer)
 
     def flush(self) -> None:
-        """Write every staged byte."""
+        """Write every staged byte, and wait until it is written."""
         while self.streams:
             self._close(self.streams[0])
+        while self.pending:
+            self._retire()
 
     def close(self) -> None:
-        """Close the direct descriptors, staged bytes unwritten (:meth:`flush` first to keep them); the
-        ordinary descriptors are the caller's."""
+        """Wait for writes under way, then close the direct descriptors, staged bytes unwritten
+        (:meth:`flush` first to keep them); the ordinary descriptors are the caller's."""
         self.streams = []
+        self.io.shutdown(wait=True)
+        self.pending.clear()
         for _, direct_fd in self.files.values():
             if direct_fd is not None:
                 os.close(direct_fd)

@@ -157,6 +157,29 @@ def test_decode_reuses_the_out_buffer():
         mxfp4.decode(blocks, scales, out=torch.empty(3, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_transposed_decode_equals_decode_then_transpose_for_every_byte_and_scale(dtype, monkeypatch):
+    """HF's [in, out] experts are decoded in place of decode-then-transpose: every byte under every scale
+    lands where the transpose puts it, with 72 rows (a 32-column tile cut short) split over two threads."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(mxfp4, "_CHUNK_BLOCKS", 16)  # two ranges of rows, neither a multiple of 32
+    blocks, scales = all_bytes_all_scales()  # 4096 blocks: every byte under every scale
+    blocks, scales = blocks.view(-1, 16)[1000:1216].reshape(72, 3, 16), scales.view(-1)[1000:1216].reshape(72, 3)
+    out = torch.full((3 * 32, 72), float("nan"), dtype=dtype)
+    assert mxfp4.decode_transposed(blocks, scales, out=out) is out
+    assert torch.equal(bits(out), bits(mxfp4.decode(blocks, scales, dtype).T.contiguous()))
+    whole_blocks, whole_scales = all_bytes_all_scales()
+    rows = whole_scales.numel()
+    wide = mxfp4.decode_transposed(
+        whole_blocks.view(rows, 1, 16), whole_scales.view(rows, 1), torch.empty(32, rows, dtype=dtype)
+    )
+    assert torch.equal(
+        bits(wide), bits(mxfp4.decode(whole_blocks.view(rows, 1, 16), whole_scales.view(rows, 1), dtype).T)
+    )
+    with pytest.raises(ValueError, match="out must be"):
+        mxfp4.decode_transposed(blocks, scales, out=torch.empty(72, 96, dtype=dtype))
+
+
 # ------------------------------------------------------------------------------------------ encode oracles
 
 

@@ -202,10 +202,36 @@ def write_expert_weight(
             writer.write(weight.blocks, blocks, expert * blocks.numel())
             writer.write(weight.scales, scales, expert * scales.numel())
         return
-    dtype = precision.torch_dtype
-    per_expert = weight.out_features * weight.in_features * dtype.itemsize
-    for expert, data in enumerate(_stored_slices(weight, dtype, iter(slices))):
-        writer.write(weight.float_name, data, expert * per_expert)
+    _write_stored(writer, weight, _stored_slices(weight, precision.torch_dtype, iter(slices)))
+
+
+def _write_stored(writer: CheckpointWriter, weight: ExpertWeight, stored: Iterator[torch.Tensor]) -> None:
+    """Write float expert slices already in ``weight``'s stored layout, expert after expert."""
+    for expert, data in enumerate(stored):
+        writer.write(weight.float_name, data, expert * data.numel() * data.element_size())
+
+
+def _decoded_transposed(ckpt: Checkpoint, weight: ExpertWeight, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+    """Each MXFP4 expert decoded straight into HF's ``[in, out]`` (:func:`mxfp4.decode_transposed`), read
+    into reused buffers and decoded ahead on a second thread."""
+    blocks_shape, scales_shape = (s.shape[1:] for s in weight.packed_specs())
+
+    def decode(expert: int, out: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        blocks = ckpt.get_rows(weight.blocks, expert, out=out[0])[0]
+        scales = ckpt.get_rows(weight.scales, expert, out=out[1])[0]
+        return mxfp4.decode_transposed(blocks, scales, out=out[2])
+
+    return ring_prefetch(
+        decode,
+        weight.num_experts,
+        ring(
+            lambda: (
+                torch.empty(blocks_shape, dtype=torch.uint8),
+                torch.empty(scales_shape, dtype=torch.uint8),
+                torch.empty((weight.in_features, weight.out_features), dtype=dtype),
+            )
+        ),
+    )
 
 
 class _MergeStats:
@@ -291,6 +317,10 @@ def _reencode(
         dtype = ckpt.precision.torch_dtype if ckpt.precision.is_float else torch.float32
     else:
         dtype = target.precision.torch_dtype
+    if target.precision.is_float and step.target.transposed and ckpt.precision is Precision.MXFP4:
+        if isinstance(ckpt, Checkpoint) and step.source.blocks in ckpt.tensors:
+            _write_stored(writer, step.target, _decoded_transposed(ckpt, step.source, dtype))
+            return None
     slices = expert_slices(ckpt, step.source, dtype, stored_views=target.precision is Precision.MXFP4, direct=direct)
     write_expert_weight(writer, step.target, target.precision, slices, rule=target.rule, source_file=source_file)
     return None

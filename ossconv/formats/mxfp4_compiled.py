@@ -113,6 +113,29 @@ def encode_columns(bits, first, last, scale_bytes, offsets, blocks, scales):  # 
     return -1, slow
 
 
+@_jit
+def decode_columns(blocks, scales, pairs, shift, stored, first, last):  # noqa: ANN001, ANN201
+    """Rows ``first:last`` of ``blocks`` [N, G, 16] and ``scales`` [N, G] -> columns ``first:last`` of
+    ``stored`` [G * 32, N] (HF's ``[in, out]``, as unsigned bits of the float dtype): the decode and the
+    transpose in one pass. ``pairs`` is the decoder's table (:func:`ossconv.formats.mxfp4._pair_table`): entry
+    ``scale << 8 | byte`` holds the byte's two elements, the first in its low ``shift`` bits. 32 columns at
+    a time through a 32 x 32 tile, so every stored row piece is written whole."""
+    groups = blocks.shape[1]
+    tile = np.empty((32, 32), stored.dtype)  # [element of the block, column]
+    for start in range(first, last, 32):
+        width = min(32, last - start)
+        for g in range(groups):
+            for c in range(width):
+                scale = np.int32(scales[start + c, g]) << 8
+                block = blocks[start + c, g]
+                for j in range(16):
+                    pair = pairs[scale | block[j]]
+                    tile[2 * j, c] = pair
+                    tile[2 * j + 1, c] = pair >> shift
+            for k in range(32):
+                stored[g * 32 + k, start : start + width] = tile[k, :width]
+
+
 # Nibble masks over a 64-bit word of 16 codes: the magnitude bits, bit 1 of each code (bits 1 and 2 are both
 # set exactly for magnitudes 6 and 7, the values 4.0 and 6.0) and bit 2 (magnitudes 4-7, values 2.0-6.0).
 _MAGNITUDE_BITS = np.uint64(0x7777777777777777)
