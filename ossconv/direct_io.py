@@ -78,6 +78,11 @@ def pwrite_all(fd: int, data: memoryview, position: int) -> None:
         data, position = data[count:], position + count
 
 
+def _lines_up(data: memoryview) -> bool:
+    """Whether ``data`` starts on a page and holds at least a staging piece: written from where it is."""
+    return len(data) >= STREAM_CHUNK and np.frombuffer(data, dtype=np.uint8).ctypes.data % ALIGN == 0
+
+
 class _Stream:
     def __init__(self, key: object, start: int, buffer: np.ndarray):
         self.key = key  # the file
@@ -111,10 +116,20 @@ class DirectWrites:
             pwrite_all(fd, data, position)
             return
         stream = next((s for s in self.streams if s.key == key and s.start + s.length == position), None)
+        fill = min(-position % ALIGN, len(data))  # bytes to the next block boundary
+        if _lines_up(data[fill:]):  # whole blocks go to the disk from the caller's memory
+            if stream is not None:
+                self._stage(stream, data[:fill])
+                self._close(stream)  # whole blocks now
+            else:
+                pwrite_all(fd, data[:fill], position)
+            whole = (len(data) - fill) // ALIGN * ALIGN
+            self._write_direct(key, np.frombuffer(data[fill : fill + whole], dtype=np.uint8), position + fill)
+            data, position, stream = data[fill + whole :], position + fill + whole, None
+            fill = 0
         if stream is None:
-            head = min(-position % ALIGN, len(data))
-            pwrite_all(fd, data[:head], position)  # up to the next block boundary, through the cache
-            data, position = data[head:], position + head
+            pwrite_all(fd, data[:fill], position)  # up to the next block boundary, through the cache
+            data, position = data[fill:], position + fill
             if not data:
                 return
             if len(self.streams) == STREAMS:
@@ -123,13 +138,16 @@ class DirectWrites:
         else:
             self.streams.remove(stream)
         self.streams.append(stream)
+        self._stage(stream, data)
+
+    def _stage(self, stream: _Stream, data: memoryview) -> None:
         while data:
             count = min(STREAM_CHUNK - stream.length, len(data))
             stream.buffer[stream.length : stream.length + count] = data[:count]
             stream.length += count
             data = data[count:]
             if stream.length == STREAM_CHUNK:
-                self._submit(key, stream.buffer, stream.buffer, stream.start)
+                self._submit(stream.key, stream.buffer, stream.buffer, stream.start)
                 stream.buffer, stream.start, stream.length = self._buffer(), stream.start + STREAM_CHUNK, 0
 
     def _buffer(self) -> np.ndarray:

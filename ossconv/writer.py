@@ -213,6 +213,12 @@ class CheckpointWriter:
             raise OssconvError(f"cannot write {name}: {error.strerror or error}", self.out) from None
         self._account(slot, data.numel() * data.element_size())
 
+    def block_offset(self, name: str) -> int:
+        """Where in a disk block tensor ``name`` starts: a producer whose buffers start at this offset from a
+        page boundary (see :func:`ossconv.direct_io.direct_buffer`) has its writes go to the disk straight
+        from them, uncopied, when they are sizes of whole blocks."""
+        return self.slots[name].offset % direct_io.ALIGN
+
     def copy(
         self, name: str, source: TensorInfo, *, start: int = 0, nbytes: int | None = None, offset: int = 0
     ) -> None:

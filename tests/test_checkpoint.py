@@ -76,8 +76,11 @@ def test_direct_streams_write_the_planned_bytes_around_copies_and_partial_blocks
         monkeypatch.setattr(direct_io, "open_direct", lambda path, flags: None)
     direct_writes = []
     write_direct = direct_io.DirectWrites._write_direct
+    sources = []  # where each direct write's bytes were
     monkeypatch.setattr(
-        direct_io.DirectWrites, "_write_direct", lambda self, *a: direct_writes.append(a[2]) or write_direct(self, *a)
+        direct_io.DirectWrites,
+        "_write_direct",
+        lambda self, *a: direct_writes.append(a[2]) or sources.append(a[1].ctypes.data) or write_direct(self, *a),
     )
     g = torch.Generator().manual_seed(1)
     tensors = {
@@ -85,6 +88,7 @@ def test_direct_streams_write_the_planned_bytes_around_copies_and_partial_blocks
         "copied": torch.randn(5001, generator=g),
         "scales": torch.randint(0, 256, (6, 301), generator=g, dtype=torch.uint8),
         "backwards": torch.randn(9, 1001, generator=g).to(torch.bfloat16),
+        "lined_up": torch.randint(0, 256, (3, 8 * direct_io.ALIGN + 20), generator=g, dtype=torch.uint8),
     }
     source = tmp_path / "source.safetensors"
     save_file({"copied": tensors["copied"]}, source)
@@ -98,6 +102,14 @@ def test_direct_streams_write_the_planned_bytes_around_copies_and_partial_blocks
                 writer.copy("copied", copied, nbytes=4 * 2999)
         for row in reversed(range(9)):
             writer.write("backwards", tensors["backwards"][row], row * 1001 * 2)
+        # A producer whose buffer lines up with the file's blocks has whole blocks written from it, uncopied.
+        row_bytes = tensors["lined_up"][0].numel()  # 8 blocks and 20 bytes
+        lined_up = direct_buffer(3 * row_bytes)[writer.block_offset("lined_up") :][: 3 * row_bytes]
+        lined_up.copy_(tensors["lined_up"].view(-1))
+        for row in range(3):
+            writer.write("lined_up", lined_up.view(3, -1)[row], row * row_bytes)
+        start = lined_up.data_ptr()
+        uncopied = sum(start <= address < start + 3 * row_bytes for address in sources)
         writer.finish({})
     loaded = load_file(tmp_path / "out" / "model.safetensors")
     for name, tensor in tensors.items():
@@ -105,6 +117,7 @@ def test_direct_streams_write_the_planned_bytes_around_copies_and_partial_blocks
     assert all(position % direct_io.ALIGN == 0 for position in direct_writes)
     if o_direct == "used" and direct_io.open_direct(tmp_path / "probe", os.O_WRONLY | os.O_CREAT) is not None:
         assert len(direct_writes) >= 6  # the blocks alone fill several chunks
+        assert uncopied == 3  # each row's whole blocks, straight from the buffer
     else:
         assert not direct_writes
     os.truncate(source, copied.offset + copied.nbytes - 1)

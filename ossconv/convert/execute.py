@@ -211,10 +211,15 @@ def _write_stored(writer: CheckpointWriter, weight: ExpertWeight, stored: Iterat
         writer.write(weight.float_name, data, expert * data.numel() * data.element_size())
 
 
-def _decoded_transposed(ckpt: Checkpoint, weight: ExpertWeight, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+def _decoded_transposed(
+    ckpt: Checkpoint, weight: ExpertWeight, dtype: torch.dtype, block_offset: int
+) -> Iterator[torch.Tensor]:
     """Each MXFP4 expert decoded straight into HF's ``[in, out]`` (:func:`mxfp4.decode_transposed`), read
-    into reused buffers and decoded ahead on a second thread."""
+    into reused buffers and decoded ahead on a second thread; the decoded ones start ``block_offset`` bytes
+    into a page, where the output tensor starts in its disk block, so the writer sends them uncopied."""
     blocks_shape, scales_shape = (s.shape[1:] for s in weight.packed_specs())
+    matrix = weight.in_features * weight.out_features * dtype.itemsize
+    block_offset = block_offset if block_offset % dtype.itemsize == 0 else 0  # else staged: a copy, no harm
 
     def decode(expert: int, out: tuple[torch.Tensor, ...]) -> torch.Tensor:
         blocks = ckpt.get_rows(weight.blocks, expert, out=out[0])[0]
@@ -228,7 +233,9 @@ def _decoded_transposed(ckpt: Checkpoint, weight: ExpertWeight, dtype: torch.dty
             lambda: (
                 torch.empty(blocks_shape, dtype=torch.uint8),
                 torch.empty(scales_shape, dtype=torch.uint8),
-                torch.empty((weight.in_features, weight.out_features), dtype=dtype),
+                direct_buffer(matrix)[block_offset : block_offset + matrix]
+                .view(dtype)
+                .view(weight.in_features, weight.out_features),
             )
         ),
     )
@@ -319,7 +326,8 @@ def _reencode(
         dtype = target.precision.torch_dtype
     if target.precision.is_float and step.target.transposed and ckpt.precision is Precision.MXFP4:
         if isinstance(ckpt, Checkpoint) and step.source.blocks in ckpt.tensors:
-            _write_stored(writer, step.target, _decoded_transposed(ckpt, step.source, dtype))
+            decoded = _decoded_transposed(ckpt, step.source, dtype, writer.block_offset(step.target.float_name))
+            _write_stored(writer, step.target, decoded)
             return None
     slices = expert_slices(ckpt, step.source, dtype, stored_views=target.precision is Precision.MXFP4, direct=direct)
     write_expert_weight(writer, step.target, target.precision, slices, rule=target.rule, source_file=source_file)
