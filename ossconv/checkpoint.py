@@ -18,7 +18,7 @@ import torch
 from ossconv.errors import CheckpointError
 from ossconv.files import (
     TensorInfo,
-    cached_fraction,
+    cached_share,
     inside_folder,
     map_rows,
     read_folder_tensors,
@@ -154,9 +154,7 @@ class Checkpoint:
 
     def cached(self, weight: layouts.ExpertWeight) -> float:
         """The fraction of an expert weight's stored bytes in the page cache now."""
-        ranges = self.stored(weight)
-        total = sum(nbytes for _, _, nbytes in ranges)
-        return sum(cached_fraction(*r) * r[2] for r in ranges) / total if total else 1.0
+        return cached_share(self.stored(weight))
 
     def stored(self, source: str | layouts.ExpertWeight) -> list[tuple[Path, int, int]]:
         """The byte ranges (file, offset, size) that hold a canonical dense tensor or an expert weight, for

@@ -226,6 +226,13 @@ def cached_fraction(file: Path, offset: int, nbytes: int) -> float:
         mapping.close()
 
 
+def cached_share(ranges: Iterable[tuple[Path, int, int]]) -> float:
+    """The fraction of these ``(file, offset, nbytes)`` ranges' bytes in the page cache now."""
+    ranges = list(ranges)
+    total = sum(nbytes for _, _, nbytes in ranges)
+    return sum(cached_fraction(*r) * r[2] for r in ranges) / total if total else 1.0
+
+
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
 

@@ -24,10 +24,11 @@ import torch
 
 from ossconv import direct_io
 from ossconv.errors import CheckpointError, OssconvError, OutputExistsError
-from ossconv.files import INDEX_NAME, TensorInfo, cached_fraction
+from ossconv.files import INDEX_NAME, TensorInfo
 from ossconv.formats.layouts import TensorSpec
 from ossconv.formats.precision import SAFETENSORS_DTYPES
 from ossconv.outputs import place, temporary
+from ossconv.prefetch import ring, ring_prefetch
 from ossconv.progress import NoProgress, Progress
 from ossconv.units import DEFAULT_MAX_SHARD_SIZE
 
@@ -35,7 +36,6 @@ COPY_CHUNK = 1 << 30  # bytes per copy_file_range call
 FALLBACK_CHUNK = 1 << 20  # bytes per read/write where the kernel cannot copy between the two files
 WRITE_CHUNK = 1 << 20
 COPY_BUFFER = 16 << 20  # bytes per read of a copy past the page cache
-DIRECT_COPY_MIN = 1 << 20  # smaller copies stay in the kernel: one mincore and two opens cost more
 # dtypes.json tags OpenAI's loader expects for MXFP4 tensors (stored as U8).
 DTYPES_JSON_TAGS = {".blocks": "FP4", ".scales": "UE8"}
 
@@ -152,7 +152,7 @@ class CheckpointWriter:
         self.overwrite = overwrite
         # Written tensor bytes go past the page cache, except where a watcher reads the files behind us.
         self.direct = direct_io.DirectWrites() if watcher is None else None
-        self._copy_buffer: np.ndarray | None = None
+        self._copy_ring: list[np.ndarray] | None = None
         try:  # last, so that nothing before can fail and leave it behind
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.temp = temporary(self.out)
@@ -213,6 +213,11 @@ class CheckpointWriter:
             raise OssconvError(f"cannot write {name}: {error.strerror or error}", self.out) from None
         self._account(slot, data.numel() * data.element_size())
 
+    @property
+    def writes_direct(self) -> bool:
+        """Whether tensor bytes go past the page cache (not where a watcher reads the files behind us)."""
+        return self.direct is not None
+
     def block_offset(self, name: str) -> int:
         """Where in a disk block tensor ``name`` starts: a producer whose buffers start at this offset from a
         page boundary (see :func:`ossconv.direct_io.direct_buffer`) has its writes go to the disk straight
@@ -220,10 +225,18 @@ class CheckpointWriter:
         return self.slots[name].offset % direct_io.ALIGN
 
     def copy(
-        self, name: str, source: TensorInfo, *, start: int = 0, nbytes: int | None = None, offset: int = 0
+        self,
+        name: str,
+        source: TensorInfo,
+        *,
+        start: int = 0,
+        nbytes: int | None = None,
+        offset: int = 0,
+        direct: bool = False,
     ) -> None:
         """Copy ``nbytes`` of a source tensor's bytes from byte ``start`` to byte ``offset`` of ``name``,
-        file to file inside the kernel (no Python buffer). Defaults: the whole tensor."""
+        file to file inside the kernel (no Python buffer). Defaults: the whole tensor. With ``direct``, for
+        bytes not in the page cache and not hinted into it, past the cache both ways (:meth:`_copy_direct`)."""
         nbytes = source.nbytes - start if nbytes is None else nbytes
         if start < 0 or start + nbytes > source.nbytes:
             raise ValueError(f"copy of {nbytes} bytes at {start} overruns {source.name} ({source.nbytes} bytes)")
@@ -233,11 +246,7 @@ class CheckpointWriter:
         try:
             fd = self._fd(slot.shard)
             src_pos, dst_pos, left = source.offset + start, slot.offset + offset, nbytes
-            if (
-                self.direct is not None
-                and nbytes >= DIRECT_COPY_MIN
-                and cached_fraction(source.file, src_pos, nbytes) < 0.5
-            ):
+            if direct and self.direct is not None:
                 done = self._copy_direct(slot.shard, source, src_pos, dst_pos, nbytes)
                 src_pos, dst_pos, left = src_pos + done, dst_pos + done, left - done
             with open(source.file, "rb") as handle:
@@ -255,21 +264,28 @@ class CheckpointWriter:
     def _copy_direct(self, shard: int, source: TensorInfo, src_pos: int, dst_pos: int, nbytes: int) -> int:
         """Copy past the page cache both ways (see :mod:`ossconv.direct_io`): a kernel copy of cold bytes
         fills fresh pages on both sides, which cost more CPU than the copying (8 layers of 20b shape to HF
-        bf16: 5 s of 13). Returns the bytes copied: all of them, or none where the source's file system
-        refuses ``O_DIRECT``."""
+        bf16: 5 s of 13). The reads run ahead on a second thread into a ring of reused buffers, as the
+        kernel's read-ahead would. Returns the bytes copied: all of them, or none where the source's file
+        system refuses ``O_DIRECT``."""
         fd = direct_io.open_direct(source.file, os.O_RDONLY)
         if fd is None:
             return 0
-        if self._copy_buffer is None:
-            self._copy_buffer = direct_io.direct_buffer(COPY_BUFFER).numpy()
+        if self._copy_ring is None:
+            self._copy_ring = ring(lambda: direct_io.direct_buffer(COPY_BUFFER).numpy())
+
+        def read(index: int, buffer: np.ndarray) -> memoryview:
+            count = min(COPY_BUFFER, nbytes - index * COPY_BUFFER)
+            data = direct_io.read_direct(fd, src_pos + index * COPY_BUFFER, count, buffer)
+            if len(data) < count:
+                raise CheckpointError(f"file ended inside tensor {source.name}", source.file)
+            return data
+
+        chunks = ring_prefetch(read, -(-nbytes // COPY_BUFFER), self._copy_ring)
         try:
-            for done in range(0, nbytes, COPY_BUFFER):
-                count = min(COPY_BUFFER, nbytes - done)
-                data = direct_io.read_direct(fd, src_pos + done, count, self._copy_buffer)
-                if len(data) < count:
-                    raise CheckpointError(f"file ended inside tensor {source.name}", source.file)
-                self.direct.write(shard, data, dst_pos + done)
+            for index, data in enumerate(chunks):
+                self.direct.write(shard, data, dst_pos + index * COPY_BUFFER)
         finally:
+            chunks.close()  # the reading thread has stopped before its descriptor is closed
             os.close(fd)
         return nbytes
 

@@ -69,9 +69,7 @@ def test_direct_streams_write_the_planned_bytes_around_copies_and_partial_blocks
 
     monkeypatch.setattr(direct_io, "STREAM_CHUNK", 3 * direct_io.ALIGN)
     monkeypatch.setattr(direct_io, "STREAMS", 2)
-    monkeypatch.setattr(writer_module, "COPY_BUFFER", 2 * direct_io.ALIGN)
-    monkeypatch.setattr(writer_module, "DIRECT_COPY_MIN", 1)
-    monkeypatch.setattr(writer_module, "cached_fraction", lambda *_: 0.0)  # copies read past the cache too
+    monkeypatch.setattr(writer_module, "COPY_BUFFER", 2 * direct_io.ALIGN)  # a copy of several reads
     if o_direct != "used":
         monkeypatch.setattr(direct_io, "open_direct", lambda path, flags: None)
     direct_writes = []
@@ -98,8 +96,8 @@ def test_direct_streams_write_the_planned_bytes_around_copies_and_partial_blocks
             writer.write("blocks", tensors["blocks"][expert], expert * 20011)
             writer.write("scales", tensors["scales"][expert], expert * 301)
             if expert == 2:  # in two pieces, the second first, each starting mid-block on both sides
-                writer.copy("copied", copied, start=4 * 2999, offset=4 * 2999)
-                writer.copy("copied", copied, nbytes=4 * 2999)
+                writer.copy("copied", copied, start=4 * 2999, offset=4 * 2999, direct=True)
+                writer.copy("copied", copied, nbytes=4 * 2999, direct=True)
         for row in reversed(range(9)):
             writer.write("backwards", tensors["backwards"][row], row * 1001 * 2)
         # A producer whose buffer lines up with the file's blocks has whole blocks written from it, uncopied.
@@ -123,7 +121,7 @@ def test_direct_streams_write_the_planned_bytes_around_copies_and_partial_blocks
     os.truncate(source, copied.offset + copied.nbytes - 1)
     with CheckpointWriter(tmp_path / "again", specs_of({"copied": tensors["copied"]})) as writer:
         with pytest.raises(CheckpointError, match=r"source.safetensors: file ended inside tensor copied"):
-            writer.copy("copied", copied)
+            writer.copy("copied", copied, direct=True)
 
 
 def test_size_sharding_with_index(tmp_path):

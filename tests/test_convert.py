@@ -105,6 +105,26 @@ def test_cold_float_experts_are_read_past_the_page_cache_to_the_same_bytes(check
     )
 
 
+def test_cold_copies_go_past_the_page_cache_unhinted_to_the_same_bytes(checkpoints, monkeypatch, tmp_path):
+    """A conversion that copies (MXFP4 OpenAI -> HF) copies tensors that are not cached by direct reads and
+    writes, gives them no read-ahead hints (they would be read twice), and writes the same bytes."""
+    from ossconv import files, writer
+    from ossconv.convert import execute
+
+    copies, hinted = [], []
+    copy = writer.CheckpointWriter.copy
+    monkeypatch.setattr(execute, "cached_share", lambda ranges: 0.0)
+    monkeypatch.setattr(execute, "DIRECT_COPY_MIN", 1)
+    monkeypatch.setattr(writer, "COPY_BUFFER", 8192)  # several reads ahead per tensor
+    monkeypatch.setattr(
+        writer.CheckpointWriter, "copy", lambda self, *a, **k: copies.append(k["direct"]) or copy(self, *a, **k)
+    )
+    monkeypatch.setattr(files, "will_need", lambda ranges: hinted.extend(ranges))
+    convert(checkpoints["openai-mxfp4"], tmp_path / "cold", to="hf")
+    assert_byte_identical(checkpoints["hf-mxfp4"], tmp_path / "cold")
+    assert copies and all(copies) and not hinted
+
+
 @pytest.mark.parametrize(
     ("name", "layout", "dtype"),
     [

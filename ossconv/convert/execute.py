@@ -18,13 +18,14 @@ from ossconv.convert.plan import Copy, Merge, Plan, Reencode, Repack, Step
 from ossconv.convert.target import ConversionResult, WriteOptions
 from ossconv.direct_io import direct_buffer
 from ossconv.errors import CheckpointError
-from ossconv.files import ReadAhead
+from ossconv.files import ReadAhead, cached_share
 from ossconv.formats import mxfp4
 from ossconv.formats.layouts import ExpertWeight
 from ossconv.formats.precision import Precision
 from ossconv.prefetch import READ_AHEAD, prefetch, ring, ring_prefetch
 from ossconv.writer import CheckpointWriter, check_output_apart
 
+DIRECT_COPY_MIN = 1 << 20  # smaller copies stay in the kernel: a mincore and two opens cost more than they save
 MERGE_ROWS = 16384  # rows of a dense tensor merged at a time: an embedding never sits whole in fp32
 
 
@@ -32,7 +33,7 @@ def execute(plan: Plan, writer: CheckpointWriter) -> list[dict[str, object]]:
     """Write every planned tensor into ``writer`` (which was opened with ``plan.specs``); returns what merging
     adapters did to each tensor it touched (empty without adapters)."""
     merged: list[dict[str, object]] = []
-    direct = [_reads_direct(plan, step) for step in plan.steps]
+    direct = [writer.writes_direct and _reads_direct(plan, step) for step in plan.steps]
     ranges = [
         [] if past_cache else _step_ranges(plan.source, step)
         for step, past_cache in zip(plan.steps, direct, strict=True)
@@ -43,7 +44,10 @@ def execute(plan: Plan, writer: CheckpointWriter) -> list[dict[str, object]]:
             if isinstance(step, Copy):
                 offset = 0
                 for piece in step.sources:
-                    writer.copy(step.target, piece.tensor, start=piece.start, nbytes=piece.nbytes, offset=offset)
+                    writer.copy(
+                        step.target, piece.tensor, start=piece.start, nbytes=piece.nbytes, offset=offset,
+                        direct=direct[index],
+                    )  # fmt: skip
                     offset += piece.nbytes
             elif isinstance(step, Merge):
                 report = _merge_dense(plan, step, writer)
@@ -59,10 +63,16 @@ def execute(plan: Plan, writer: CheckpointWriter) -> list[dict[str, object]]:
 
 
 def _reads_direct(plan: Plan, step: Step) -> bool:
-    """Whether a step reads its experts past the page cache (:meth:`Checkpoint.read_direct`): float experts
-    encoded to MXFP4 as they are stored, read once, and not (mostly) cached already. Such a step gets no
-    read-ahead hints; its own reads run ahead on the prefetch thread."""
+    """Whether a step reads its bytes past the page cache, not (mostly) cached already: a copy of at least
+    DIRECT_COPY_MIN bytes, or float experts encoded to MXFP4 as they are stored
+    (:meth:`Checkpoint.read_direct`). Such a step gets no read-ahead hints (the bytes would be read twice);
+    its own reads run ahead on a thread of their own."""
     ckpt = plan.source
+    if isinstance(step, Copy):
+        return (
+            sum(piece.nbytes for piece in step.sources) >= DIRECT_COPY_MIN
+            and cached_share(_step_ranges(ckpt, step)) < 0.5
+        )
     return (
         isinstance(step, Reencode)
         and isinstance(ckpt, Checkpoint)
