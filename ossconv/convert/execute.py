@@ -25,7 +25,8 @@ from ossconv.formats.precision import Precision
 from ossconv.prefetch import READ_AHEAD, prefetch, ring, ring_prefetch
 from ossconv.writer import CheckpointWriter, check_output_apart
 
-DIRECT_COPY_MIN = 1 << 20  # smaller copies stay in the kernel: a mincore and two opens cost more than they save
+DIRECT_COPY_MIN = 64 << 20  # smaller copies stay in the kernel, hinted ahead: a direct read of each on its own
+# leaves the disk idle between them (expert-parallel pieces of 8 MB: merge 0.67x cp, against 0.8-1.0x)
 MERGE_ROWS = 16384  # rows of a dense tensor merged at a time: an embedding never sits whole in fp32
 
 
