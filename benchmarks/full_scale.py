@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import resource
 import shlex
 import shutil
@@ -244,8 +243,6 @@ def main() -> None:
             f"{name:<30} {seconds:8.1f} {moved / seconds / 1e9:6.2f} {rss / 2**30:7.2f}Gi "
             f"{cp_seconds / seconds:6.2f} {disk / seconds:8.2f}  {check}"
         )
-        if name == "convert bf16 --dtype mxfp4":
-            in_memory(command, inputs, folder_bytes(output), disk)
         for path in done_with.get(name, [output] if output is not None else []):
             remove(path)
     for path in OUTPUTS(work):
@@ -253,24 +250,6 @@ def main() -> None:
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     subprocess.run(["sync"], check=False)
-
-
-def in_memory(command: list[str], inputs: list[Path], out_bytes: int, disk_read: float) -> None:
-    """The MXFP4 step again with its output in memory (/dev/shm), where there is room: reading alone, the
-    step against the disk's read rate, as where the output goes to another disk."""
-    shm = Path("/dev/shm")
-    memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
-    if not shm.is_dir() or shutil.disk_usage(shm).free < 2 * out_bytes or memory < 3 * out_bytes:
-        print("  (no room in /dev/shm for the output: the step with its output in memory is skipped)")
-        return
-    target = shm / "ossconv-full-scale-out"
-    remove(target)
-    evict(*inputs)
-    seconds, rss, _ = run_child([sys.executable, "-m", "ossconv", *command[:2], str(target), *command[3:], "--quiet"])
-    remove(target)
-    print(
-        f"{'  same, output in memory':<30} {seconds:8.1f} {'':6} {rss / 2**30:7.2f}Gi {'':6} {disk_read / seconds:8.2f}"
-    )
 
 
 def OUTPUTS(work: Path) -> list[Path]:  # noqa: N802 - a constant list that depends on the folder
