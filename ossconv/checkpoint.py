@@ -138,19 +138,21 @@ class Checkpoint:
     def map_rows(self, name: str, expert: int) -> torch.Tensor:
         """One expert of a fused expert tensor as :meth:`get_rows` gives it, mapped in place of read (see
         :func:`ossconv.files.map_rows`): for bytes a consumer reads once, straight from the page cache."""
-        if name in self.pieces:
-            part = self._piece(name, expert)
-            return map_rows(part, 0, part.shape[0] if part.shape else 1).view(1, *self.info(name).shape[1:])
-        return map_rows(self.info(name), expert, expert + 1)
+        info, start, stop = self._expert_rows(name, expert)
+        return map_rows(info, start, stop).view(1, *self.info(name).shape[1:])
 
     def read_direct(self, name: str, expert: int, out: torch.Tensor) -> torch.Tensor:
         """One expert of a fused expert tensor as :meth:`get_rows` gives it, read past the page cache into
         ``out`` (see :func:`ossconv.files.read_rows_direct`): for bytes a consumer reads once, not cached."""
+        info, start, stop = self._expert_rows(name, expert)
+        return read_rows_direct(info, start, stop, out).view(1, *self.info(name).shape[1:])
+
+    def _expert_rows(self, name: str, expert: int) -> tuple[TensorInfo, int, int]:
+        """The stored tensor and rows that hold one expert: its own piece, or one row of the fused tensor."""
         if name in self.pieces:
             part = self._piece(name, expert)
-            rows = part.shape[0] if part.shape else 1
-            return read_rows_direct(part, 0, rows, out).view(1, *self.info(name).shape[1:])
-        return read_rows_direct(self.info(name), expert, expert + 1, out)
+            return part, 0, part.shape[0] if part.shape else 1
+        return self.info(name), expert, expert + 1
 
     def cached(self, weight: layouts.ExpertWeight) -> float:
         """The fraction of an expert weight's stored bytes in the page cache now."""

@@ -206,9 +206,10 @@ class CheckpointWriter:
             position = slot.offset + offset
             if self.direct is not None:
                 self.direct.write(slot.shard, view, position)
-            while view and self.direct is None:  # 1 MiB: several times faster than one large buffered write
-                count = os.pwrite(fd, view[:WRITE_CHUNK], position)
-                view, position = view[count:], position + count
+            else:
+                while view:  # 1 MiB writes: several times faster than one large write into the page cache
+                    count = os.pwrite(fd, view[:WRITE_CHUNK], position)
+                    view, position = view[count:], position + count
         except OSError as error:
             raise OssconvError(f"cannot write {name}: {error.strerror or error}", self.out) from None
         self._account(slot, data.numel() * data.element_size())

@@ -79,7 +79,7 @@ def _reads_direct(plan: Plan, step: Step) -> bool:
         and isinstance(ckpt, Checkpoint)
         and plan.target.precision is Precision.MXFP4
         and ckpt.precision.is_float
-        and not any((step.source.layer, step.source.proj) in a.experts for a in plan.target.adapters)
+        and not plan.target.merges_into(step.source)
         and step.source.float_name in ckpt.tensors
         and ckpt.info(step.source.float_name).dtype == ckpt.precision.torch_dtype
         and ckpt.cached(step.source) < 0.5
@@ -318,7 +318,7 @@ def _reencode(
 ) -> dict[str, object] | None:
     ckpt, target = plan.source, plan.target
     source_file = _source_file(ckpt, step.source)
-    if any((step.source.layer, step.source.proj) in a.experts for a in target.adapters):
+    if target.merges_into(step.source):
         stats = _MergeStats(step.target.blocks if target.precision is Precision.MXFP4 else step.target.float_name)
 
         def encoded(merged: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> None:

@@ -108,7 +108,7 @@ def plan(ckpt: Checkpoint, target: Target) -> Plan:
     for item in layouts.canonical_tensors(cfg):
         if isinstance(item, ExpertWeight):
             source, output = source_weights[(item.layer, item.proj)], target_weights[(item.layer, item.proj)]
-            touched = any((item.layer, item.proj) in adapter.experts for adapter in target.adapters)
+            touched = target.merges_into(item)
             if not touched and _same_stored_form(ckpt.precision, target.precision, source, output):
                 for spec, stored in zip(output.specs(target.precision), source.specs(ckpt.precision), strict=True):
                     whole = [ByteRange(*piece) for piece in ckpt.byte_pieces(stored.name)]
@@ -138,7 +138,7 @@ def _plan_from_gguf(model: Checkpoint, target: Target) -> Plan:
         if isinstance(item, ExpertWeight):
             output = target_weights[(item.layer, item.proj)]
             specs += output.specs(target.precision)
-            touched = any((item.layer, item.proj) in adapter.experts for adapter in target.adapters)
+            touched = target.merges_into(item)
             same = model.precision is Precision.MXFP4 and target.precision is Precision.MXFP4 and not touched
             steps.append(Repack(item, output) if same else Reencode(item, output))
             continue

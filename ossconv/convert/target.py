@@ -47,6 +47,10 @@ class Target:
         if self.expert_range is not None and self.experts is not ExpertForm.SPLIT:
             raise OssconvError("a range of experts is written in split form only")
 
+    def merges_into(self, weight: Any) -> bool:
+        """Whether an adapter of this target has a delta for ``weight`` (an expert weight of either layout)."""
+        return any((weight.layer, weight.proj) in adapter.experts for adapter in self.adapters)
+
 
 @dataclass(frozen=True)
 class WriteOptions:
