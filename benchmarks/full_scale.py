@@ -1,19 +1,20 @@
 """Every command on a full-size synthetic gpt-oss checkpoint, against the disk measured in the same run.
 
     python benchmarks/full_scale.py [--model 20b|120b] [--layers N] [--ep-ranks 4] [--workdir /tmp/ossconv-full]
-                                    [--keep]
+                                    [--repeat N] [--only TEXT] [--keep]
 
 Builds the model by streaming (the generator the tests use, the real config: 24 layers x 32 experts for 20b,
 36 x 128 for 120b, vocabulary 201088, real names, dtypes and file naming; ``--layers N`` for fewer layers of
 that shape), then runs each command in a child process and prints one table: seconds, GB/s, the child's own
 peak RSS (wait4), and two ratios from the same run: against ``cp -r`` of the source, and against the disk's
-own rate for what bounds the step (reading: as many bytes as the step reads, the faster of ``cat >
-/dev/null`` and ``dd iflag=direct``; writing: as many random bytes as the step writes, which nothing below
-can compress or skip, the faster of buffered and direct writes). The float conversions read and write
+own rate for what bounds the step, measured right after it (reading: the step's own inputs, the faster of
+``cat > /dev/null`` and ``dd iflag=direct``; writing: as many random bytes as the step writes, which nothing
+below can compress or skip, the faster of buffered and direct writes). The float conversions read and write
 gigabytes, so they are also compared with the disk doing both at once. Everything is measured from the disk:
 the step's inputs are dropped from the page cache first (posix_fadvise), and writes count until synced, the
-anchors' alike. It checks what it can (merge and the bf16 -> MXFP4 round
-trip byte-identical to the source tensors, verify exit 0), checks free disk first and says what it skips
+anchors' alike; with ``--repeat N`` each step runs N rounds, each followed by its anchors, and the table holds
+the median seconds and the median of the rounds' ratios. It checks what it can (merge and the bf16 -> MXFP4
+round trip byte-identical to the source tensors, verify exit 0), checks free disk first and says what it skips
 (the bf16 round trip of the full 20b needs about 65 GB), and cleans up. ratio > 1 is faster than the anchor.
 """
 
@@ -25,6 +26,7 @@ import json
 import resource
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +136,28 @@ def disk_read_while_writing_seconds(inputs: list[Path], folder: Path, nbytes: in
     return min(best)
 
 
+def measure_step(
+    command: list[str], output: Path | None, bound: str, inputs: list[Path], work: Path
+) -> tuple[float, float, int, float, int]:
+    """One round of a step, from the disk, and its anchors measured right after it (a shared disk's rate
+    drifts within a run): seconds, the disk's seconds for what bounds it, peak RSS, the disk's seconds
+    reading the input while writing the output (float conversions only, else 0) and the bytes it moved."""
+    if output is not None:
+        remove(output)
+    evict(*inputs)
+    seconds, rss, _ = run_child([sys.executable, "-m", "ossconv", *command, "--quiet"])
+    if bound == "read":
+        moved = sum(folder_bytes(p) for p in inputs)
+        disk = disk_read_seconds(inputs)
+    else:
+        moved = folder_bytes(output) if output.is_dir() else output.stat().st_size
+        disk = disk_write_seconds(work, moved)
+    both = 0.0
+    if command[0] == "convert" and "--dtype" in command:  # reads and writes gigabytes; one disk does both
+        both = disk_read_while_writing_seconds(inputs, work, folder_bytes(output))
+    return seconds, disk, rss, both, moved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="20b")
@@ -142,6 +166,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16)
     parser.add_argument("--ep-ranks", type=int, default=4)
     parser.add_argument("--keep", action="store_true", help="keep the synthetic source for another run")
+    parser.add_argument("--repeat", type=int, default=1, help="rounds of each step and its anchors; medians")
     parser.add_argument("--only", default="", help="run only the steps whose names contain this text")
     args = parser.parse_args()
     shape = dict(MODELS[args.model])
@@ -166,7 +191,6 @@ def main() -> None:
         folder_bytes(p) if p.is_dir() else p.stat().st_size for p in OUTPUTS(work) if p.exists()
     )
     print(f"source {size / 1e9:.2f} GB, {free / 1e9:.1f} GB free")
-    ossconv = [sys.executable, "-m", "ossconv"]
     src, tokens, layers = str(source), str(args.tokens), shape["num_hidden_layers"]
     hf, bf16 = work / "hf", work / "bf16"
     steps = [  # name, command arguments, output, what bounds the step (the disk's read or write), inputs
@@ -219,29 +243,23 @@ def main() -> None:
     )
     print(f"{'step':<30} {'seconds':>8} {'GB/s':>6} {'peak RSS':>9} {'vs cp':>6} {'vs disk':>8}  check")
     for name, command, output, bound, inputs in steps:
-        evict(*inputs)
-        seconds, rss, _ = run_child([*ossconv, *command, "--quiet"])
-        if bound == "read":
-            moved = sum(folder_bytes(p) for p in inputs)
-            disk = read_seconds * moved / size
-        else:
-            moved = folder_bytes(output) if output.is_dir() else output.stat().st_size
-            disk = disk_write_seconds(work, moved)
+        rounds = [measure_step(command, output, bound, inputs, work) for _ in range(args.repeat)]
+        seconds = statistics.median(r[0] for r in rounds)  # each ratio pairs a round with its own anchor
+        vs_disk, vs_both = (statistics.median(r[i] / r[0] for r in rounds) for i in (1, 3))
+        rss, moved = max(r[2] for r in rounds), rounds[-1][4]
         check = ""
         if name == "reshard --merge":
             check = "tensors identical" if tensor_digests(work / "merged") == tensor_digests(source) else "DIFFERENT"
         if name == "convert bf16 --dtype mxfp4":
             check = "tensors identical" if tensor_digests(work / "back") == tensor_digests(source) else "DIFFERENT"
-        if name.startswith("convert") and "--dtype" in name:  # reads and writes gigabytes; one disk does both
-            both = disk_read_while_writing_seconds(inputs, work, folder_bytes(output))
-            check += (
-                f"{'; ' if check else ''}vs the disk reading the input while writing the output {both / seconds:.2f}"
-            )
+        if vs_both:
+            check += f"{'; ' if check else ''}vs the disk reading the input while writing the output"
+            check += f" {vs_both:.2f}"
         if name.startswith("verify"):
             check = f"exit 0, {seconds / layers:.2f} s/layer"
         print(
             f"{name:<30} {seconds:8.1f} {moved / seconds / 1e9:6.2f} {rss / 2**30:7.2f}Gi "
-            f"{cp_seconds / seconds:6.2f} {disk / seconds:8.2f}  {check}"
+            f"{cp_seconds / seconds:6.2f} {vs_disk:8.2f}  {check}"
         )
         for path in done_with.get(name, [output] if output is not None else []):
             remove(path)
