@@ -15,7 +15,7 @@ the step's inputs are dropped from the page cache first (posix_fadvise), and wri
 anchors' alike; with ``--repeat N`` each step runs N rounds, each followed by its anchors, and the table holds
 the median seconds and the median of the rounds' ratios. It checks what it can (merge and the bf16 -> MXFP4
 round trip byte-identical to the source tensors, verify exit 0), checks free disk first and says what it skips
-(the bf16 round trip of the full 20b needs about 65 GB), and cleans up. ratio > 1 is faster than the anchor.
+(the bf16 round trip of the full 20b needs about 80 GB), and cleans up. ratio > 1 is faster than the anchor.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def main() -> None:
          [source]),
     ]  # fmt: skip
     bf16_size = size * 3.7  # MXFP4 experts (4.25 bits) to bf16 (16 bits); the rest unchanged
-    if free > bf16_size + 2 * size:  # the source, the bf16 copy, its MXFP4 round trip; the cp anchor before
+    if free > bf16_size + 2 * size:  # the bf16 copy, its MXFP4 round trip and an anchor as big as that
         steps += [
             ("convert --to hf --dtype bf16", ["convert", src, str(bf16), "--to", "hf", "--dtype", "bf16"], bf16,
              "write", [source]),
@@ -214,7 +214,8 @@ def main() -> None:
              "mxfp4"], work / "back", "read", [bf16]),
         ]  # fmt: skip
     else:
-        print(f"skipping the bf16 round trip: it needs about {(bf16_size + size) / 1e9:.0f} GB beside the source")
+        need = (bf16_size + 2 * size) / 1e9
+        print(f"skipping the bf16 round trip: it needs about {need:.0f} GB free beside the source ({free / 1e9:.0f})")
     if args.only:
         steps = [step for step in steps if args.only in step[0]]
         print(f"steps: {', '.join(step[0] for step in steps) or 'none'}")
