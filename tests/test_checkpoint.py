@@ -68,6 +68,7 @@ def test_direct_streams_write_the_planned_bytes_around_copies_and_partial_blocks
     from ossconv import direct_io
 
     monkeypatch.setattr(direct_io, "STREAM_CHUNK", 3 * direct_io.ALIGN)
+    monkeypatch.setattr(direct_io, "UNCOPIED_MIN", 3 * direct_io.ALIGN)
     monkeypatch.setattr(direct_io, "STREAMS", 2)
     monkeypatch.setattr(writer_module, "COPY_BUFFER", 2 * direct_io.ALIGN)  # a copy of several reads
     if o_direct != "used":
