@@ -344,6 +344,35 @@ def test_config_of_the_wrong_layout(checkpoints, copy_of):
         open_checkpoint(folder)
 
 
+def test_a_lined_up_buffer_under_one_staging_piece_is_written_uncopied(tmp_path, monkeypatch):
+    """A bf16 down_proj expert of 20b shape (16.6 MB) is smaller than a staging piece (16 MiB); lined up
+    with the file's blocks, it goes to the disk from where it is, not copied into a piece first."""
+    from ossconv import direct_io
+
+    sources = []
+    write_direct = direct_io.DirectWrites._write_direct
+
+    def recorded(self, *args):
+        sources.append(args[1].ctypes.data)
+        return write_direct(self, *args)
+
+    monkeypatch.setattr(direct_io.DirectWrites, "_write_direct", recorded)
+    data = direct_buffer(2 << 20)[: 2 << 20]
+    data.copy_(torch.randint(0, 256, (2 << 20,), generator=torch.Generator().manual_seed(3), dtype=torch.uint8))
+    path = tmp_path / "out.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    writes = direct_io.DirectWrites()
+    try:
+        writes.add("out", path, fd)
+        writes.write("out", memoryview(data.numpy()), 0)
+        writes.flush()
+    finally:
+        writes.close()
+        os.close(fd)
+    assert path.read_bytes() == data.numpy().tobytes()
+    assert sources == [data.data_ptr()]
+
+
 def test_copy_falls_back_when_the_kernel_cannot_copy_between_file_systems(checkpoints, tmp_path, monkeypatch):
     import errno
 
